@@ -1,0 +1,95 @@
+"""A real Consul dev agent (``consul agent -dev``) on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+from testbed.ports import free_port
+from testbed.process import ManagedProcess, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def consul_binary() -> str:
+    """``consul`` on PATH, else the one ``scripts/install-consul.sh`` put in ``.tools/bin``."""
+    path = shutil.which("consul")
+    if path:
+        return path
+    local = REPO_ROOT / ".tools" / "bin" / "consul"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    raise FileNotFoundError("consul not found: run scripts/install-consul.sh")
+
+
+class ConsulAgent:
+    """One dev-mode agent (server + client in one process, in-memory state)."""
+
+    def __init__(self, base_dir: Path, *, host: str = "127.0.0.1", name: str = "consul") -> None:
+        self.base_dir = base_dir
+        self.host = host
+        self.name = name
+        self.http_port = free_port(host)
+        self.dns_port = free_port(host)
+        self.serf_lan_port = free_port(host)
+        self.serf_wan_port = free_port(host)
+        self.server_port = free_port(host)
+        self.grpc_port = free_port(host)
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def _argv(self) -> list[str]:
+        ports = (
+            f"ports {{ http = {self.http_port}, dns = {self.dns_port}, "
+            f"serf_lan = {self.serf_lan_port}, serf_wan = {self.serf_wan_port}, "
+            f"server = {self.server_port}, grpc = {self.grpc_port} }}"
+        )
+        return [
+            consul_binary(), "agent", "-dev",
+            "-node", self.name,
+            "-bind", self.host, "-client", self.host,
+            "-hcl", ports,
+            "-hcl", 'log_level = "info"',
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(self.url + "/v1/status/leader", timeout=1) as resp:
+            leader = json.loads(resp.read())
+        if not leader:
+            return False
+        with urllib.request.urlopen(self.url + "/v1/agent/self", timeout=1) as resp:
+            return resp.status == 200
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.process is None:
+            self.process = ManagedProcess(
+                self.name, self._argv(), self.base_dir / f"{self.name}.log"
+            )
+        self.process.start()
+        wait_until(self.ready, timeout, what=f"Consul agent at {self.url}")
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again (dev mode: all state is lost, as after a crash)."""
+        self.stop()
+        self.start(timeout)
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.freeze()
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.thaw()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.process.log_tail(lines) if self.process else "(never started)"

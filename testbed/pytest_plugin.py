@@ -1,0 +1,147 @@
+"""Pytest fixtures that start the real servers once per test session.
+
+Each server is started on free loopback ports, its log is printed when a test
+that used it fails, and it is stopped by PID at the end (also after failures).
+Tests get their own key prefix / service names through ``key_prefix``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.consul import ConsulAgent
+from testbed.dockerd import DockerEngine
+from testbed.etcd import EtcdCluster
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    node = request.node
+    return any(
+        getattr(getattr(node, f"rep_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+
+
+def _dump_on_failure(request: pytest.FixtureRequest, name: str, server: Any) -> None:
+    if _failed(request):
+        print(f"\n===== {name} log (last lines) =====\n{server.log_tail()}\n")
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def _etcd_single(servers_dir: Path) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(servers_dir / "etcd", size=1, name="etcd")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd(_etcd_single: EtcdCluster, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """A single real etcd server (session-wide); thawed and running again after each test."""
+    yield _etcd_single
+    _etcd_single.thaw()
+    for m in _etcd_single.members:
+        if m.process is not None and not m.process.running():
+            _etcd_single.restart_member(m)
+    _dump_on_failure(request, "etcd", _etcd_single)
+
+
+@pytest.fixture(scope="session")
+def _etcd_three(servers_dir: Path) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(servers_dir / "etcd3", size=3, name="member")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd_cluster(_etcd_three: EtcdCluster, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster; ``kill_member``/``restart_member``; all members back after."""
+    yield _etcd_three
+    _etcd_three.thaw()
+    for m in _etcd_three.members:
+        if m.process is not None and not m.process.running():
+            _etcd_three.restart_member(m)
+    _dump_on_failure(request, "etcd cluster", _etcd_three)
+
+
+@pytest.fixture(scope="session")
+def _consul_agent(servers_dir: Path) -> Iterator[ConsulAgent]:
+    agent = ConsulAgent(servers_dir / "consul")
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture
+def consul_agent(_consul_agent: ConsulAgent, request: pytest.FixtureRequest) -> Iterator[ConsulAgent]:
+    """A Consul dev agent (session-wide); thawed and running again after each test."""
+    yield _consul_agent
+    if _consul_agent.process is not None:
+        _consul_agent.thaw()
+        if not _consul_agent.process.running():
+            _consul_agent.start()
+    _dump_on_failure(request, "consul", _consul_agent)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(servers_dir: Path) -> Iterator[DockerEngine]:
+    """The Docker engine: the running one, or dockerd started for this session.
+
+    Skips with the reason only if dockerd cannot start, unless
+    ``ATFAILOVER_REQUIRE_DOCKER=1`` (CI sets it), which makes that a failure.
+    """
+    engine = DockerEngine(servers_dir / "docker")
+    try:
+        engine.ensure()
+    except RuntimeError as exc:
+        if os.environ.get("ATFAILOVER_REQUIRE_DOCKER") == "1":
+            raise
+        pytest.skip(f"no Docker engine: {exc}")
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_engine: DockerEngine) -> Iterator[Any]:
+    import docker
+
+    client = docker.DockerClient(base_url=docker_engine.base_url, timeout=60)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def key_prefix(request: pytest.FixtureRequest) -> str:
+    """A prefix no other test uses, e.g. ``t/test_claim_race-1a2b3c4d``."""
+    slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:40].strip("-")
+    return f"t/{slug}-{uuid.uuid4().hex[:8]}"
