@@ -15,7 +15,9 @@ from testbed.process import ManagedProcess, wait_until
 def etcd_binary() -> str:
     path = shutil.which("etcd")
     if path is None:
-        raise FileNotFoundError("etcd not found on PATH: run scripts/bootstrap.sh (Debian etcd-server)")
+        raise FileNotFoundError(
+            "etcd not found on PATH: run scripts/bootstrap.sh (Debian etcd-server)"
+        )
     return path
 
 

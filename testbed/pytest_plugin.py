@@ -19,6 +19,7 @@ import pytest
 from testbed.consul import ConsulAgent
 from testbed.dockerd import DockerEngine
 from testbed.etcd import EtcdCluster
+from testbed.tls import CertPair, TestCA
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -31,8 +32,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _failed(request: pytest.FixtureRequest) -> bool:
     node = request.node
     return any(
-        getattr(getattr(node, f"rep_{when}", None), "failed", False)
-        for when in ("setup", "call")
+        getattr(getattr(node, f"rep_{when}", None), "failed", False) for when in ("setup", "call")
     )
 
 
@@ -99,7 +99,9 @@ def _consul_agent(servers_dir: Path) -> Iterator[ConsulAgent]:
 
 
 @pytest.fixture
-def consul_agent(_consul_agent: ConsulAgent, request: pytest.FixtureRequest) -> Iterator[ConsulAgent]:
+def consul_agent(
+    _consul_agent: ConsulAgent, request: pytest.FixtureRequest
+) -> Iterator[ConsulAgent]:
     """A Consul dev agent (session-wide); thawed and running again after each test."""
     yield _consul_agent
     if _consul_agent.process is not None:
@@ -145,3 +147,15 @@ def key_prefix(request: pytest.FixtureRequest) -> str:
     """A prefix no other test uses, e.g. ``t/test_claim_race-1a2b3c4d``."""
     slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:40].strip("-")
     return f"t/{slug}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A session-wide test CA; trust it in clients with ``SSL_CERT_FILE=str(test_ca.cert_path)``."""
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def server_cert(test_ca: TestCA) -> CertPair:
+    """A server certificate for 127.0.0.1 and localhost, signed by ``test_ca``."""
+    return test_ca.issue("server")

@@ -34,7 +34,9 @@ def test_three_member_cluster_survives_leader_kill(etcd_cluster: EtcdCluster) ->
     # A quorum of two remains and elects a leader that accepts writes.
     from testbed.process import wait_until
 
-    wait_until(lambda: _put_get_etcd(others[0].endpoint) == "ok", 15, what="write after leader kill")
+    wait_until(
+        lambda: _put_get_etcd(others[0].endpoint) == "ok", 15, what="write after leader kill"
+    )
     etcd_cluster.restart_member(leader)
     assert leader.healthy()
 
