@@ -5,16 +5,20 @@
 #      mirror URI is read from this machine's own apt sources;
 #   3. the vendored .deb in ../shared/vendor, checked against SHA256SUMS.
 # With --print-path it only prints the binary it would use.
+# Environment: CONSUL_TOOLS_DIR (default .tools), CONSUL_VENDOR_DIR (default ../shared/vendor),
+# CONSUL_SKIP_PATH=1 / CONSUL_SKIP_APT=1 to exercise the later fallbacks (tests do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TOOLS=$ROOT/.tools
+TOOLS=${CONSUL_TOOLS_DIR:-$ROOT/.tools}
 DEST=$TOOLS/bin/consul
 VENDOR=${CONSUL_VENDOR_DIR:-$ROOT/../shared/vendor}
 log() { printf '[install-consul] %s\n' "$*" >&2; }
 
 found() {
-    if command -v consul >/dev/null 2>&1; then command -v consul; return 0; fi
+    if [[ ${CONSUL_SKIP_PATH:-0} != 1 ]] && command -v consul >/dev/null 2>&1; then
+        command -v consul; return 0
+    fi
     if [[ -x $DEST ]]; then echo "$DEST"; return 0; fi
     return 1
 }
@@ -44,7 +48,7 @@ mirror_uri() {  # the machine's own Debian mirror, never a name written here
     [[ -n $uri ]] && echo "$uri"
 }
 
-if uri=$(mirror_uri); then
+if [[ ${CONSUL_SKIP_APT:-0} != 1 ]] && uri=$(mirror_uri); then
     log "trying Debian bullseye's consul package from the machine's mirror"
     mkdir -p "$tmp/lists/partial" "$tmp/parts" "$tmp/cache/archives/partial"
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri bullseye main" >"$tmp/bullseye.list"
@@ -60,6 +64,8 @@ fi
 
 deb=$(ls "$VENDOR"/consul_*.deb 2>/dev/null | head -1 || true)
 [[ -n $deb ]] || { log "no consul: not on PATH, not from apt, and no .deb in $VENDOR"; exit 1; }
-(cd "$VENDOR" && grep " $(basename "$deb")\$" SHA256SUMS | sha256sum -c --quiet -) \
-    || { log "checksum mismatch for $deb"; exit 1; }
+sum_line=$(awk -v f="$(basename "$deb")" '$2 == f || $2 == "*" f' "$VENDOR/SHA256SUMS")
+[[ -n $sum_line ]] || { log "no checksum for $(basename "$deb") in $VENDOR/SHA256SUMS"; exit 1; }
+(cd "$VENDOR" && echo "$sum_line" | sha256sum -c --quiet - >/dev/null 2>&1) \
+    || { log "checksum mismatch for $deb: refusing to install it"; exit 1; }
 extract "$deb"
