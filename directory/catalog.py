@@ -1,0 +1,365 @@
+"""The directory's map, fed from Consul's health data by blocking queries.
+
+The supervisor registers one Consul service instance per running atServer:
+service ``atserver``, ``Address``/``Port`` where clients reach it, ``Meta.atsign``
+(``"@alice"``), ``Meta.fencing_token`` (decimal), ``Meta.node``, ``Meta.cloud`` and tag
+``alice``. Only instances whose checks all pass count; among several for one atSign
+the highest fencing token wins. Instances with invalid meta are skipped and counted.
+
+Lookups read an immutable :class:`DirectoryMap` that the watcher swaps in whole, so they
+never wait on Consul; when Consul is unreachable the last map stays in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from directory.logs import log_event
+from directory.metrics import DirectoryMetrics
+from directory.protocol import AtSignError, answer_for, atsign_key
+
+log = logging.getLogger("atdirectory.catalog")
+
+SERVICE_NAME = "atserver"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One passing atServer registration, as the directory answers it."""
+
+    key: str  # atSign without "@", lower case
+    host: str
+    port: int
+    fencing_token: int
+    service_id: str
+    node: str = ""
+    cloud: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedInstance:
+    """A passing registration that the directory ignores, and why."""
+
+    service_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DirectoryMap:
+    """An immutable snapshot: atSign key -> the instance to answer (highest token)."""
+
+    instances: Mapping[str, Instance] = field(default_factory=dict)
+    answers: Mapping[str, bytes] = field(default_factory=dict)
+    rejected: Sequence[RejectedInstance] = ()
+    shadowed: int = 0
+    index: int = 0
+
+    def answer(self, key: str) -> bytes | None:
+        """The complete protocol reply for ``key``, or None if no healthy atServer."""
+        return self.answers.get(key)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+
+def _meta_str(meta: Mapping[str, Any], name: str) -> str | None:
+    value = meta.get(name)
+    return value if isinstance(value, str) else None
+
+
+def instance_from_entry(entry: Mapping[str, Any]) -> Instance | RejectedInstance:
+    """One ``/v1/health/service`` entry as an :class:`Instance`, or why it is unusable."""
+    service = entry.get("Service") or {}
+    node = entry.get("Node") or {}
+    service_id = str(service.get("ID") or "?")
+    checks = entry.get("Checks") or []
+    # The query asks for passing instances only; checking again costs nothing and keeps
+    # a stale or misconfigured agent from sending clients to a failing atServer.
+    if any(c.get("Status") != "passing" for c in checks if isinstance(c, Mapping)):
+        return RejectedInstance(service_id, "check_not_passing")
+    meta = service.get("Meta") or {}
+    if not isinstance(meta, Mapping):
+        return RejectedInstance(service_id, "meta_not_a_map")
+    atsign = _meta_str(meta, "atsign")
+    if atsign is None:
+        return RejectedInstance(service_id, "missing_atsign")
+    if not atsign.startswith("@"):
+        return RejectedInstance(service_id, "atsign_without_at")
+    try:
+        key = atsign_key(atsign)
+    except AtSignError:
+        return RejectedInstance(service_id, "invalid_atsign")
+    token_text = _meta_str(meta, "fencing_token")
+    if token_text is None:
+        return RejectedInstance(service_id, "missing_fencing_token")
+    if not (token_text.isascii() and token_text.isdigit()):
+        return RejectedInstance(service_id, "invalid_fencing_token")
+    host = service.get("Address") or node.get("Address") or ""
+    if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+        return RejectedInstance(service_id, "missing_address")
+    port = service.get("Port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return RejectedInstance(service_id, "invalid_port")
+    return Instance(
+        key=key,
+        host=host,
+        port=port,
+        fencing_token=int(token_text),
+        service_id=service_id,
+        node=_meta_str(meta, "node") or str(node.get("Node") or ""),
+        cloud=_meta_str(meta, "cloud") or "",
+    )
+
+
+def build_map(entries: Sequence[Mapping[str, Any]], index: int = 0) -> DirectoryMap:
+    """The map for one health query response: highest fencing token per atSign."""
+    best: dict[str, Instance] = {}
+    rejected: list[RejectedInstance] = []
+    shadowed = 0
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            rejected.append(RejectedInstance("?", "entry_not_an_object"))
+            continue
+        inst = instance_from_entry(entry)
+        if isinstance(inst, RejectedInstance):
+            rejected.append(inst)
+            continue
+        current = best.get(inst.key)
+        if current is None:
+            best[inst.key] = inst
+            continue
+        shadowed += 1
+        # Equal tokens should not happen; the lower service ID wins so replicas agree.
+        if (inst.fencing_token, current.service_id) > (current.fencing_token, inst.service_id):
+            best[inst.key] = inst
+    answers = {key: answer_for(i.host, i.port) for key, i in best.items()}
+    return DirectoryMap(best, answers, tuple(rejected), shadowed, index)
+
+
+class ConsulError(Exception):
+    """A Consul health query failed (unreachable, timed out, bad status or body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthResponse:
+    """One answer of ``/v1/health/service/<name>?passing``."""
+
+    index: int
+    entries: list[Any]
+
+
+class ConsulHealthClient:
+    """Blocking queries on ``/v1/health/service/<service>?passing`` with explicit deadlines."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        service: str = SERVICE_NAME,
+        token: str | None = None,
+        connect_timeout: float = 3.0,
+        stale: bool = False,
+    ) -> None:
+        self._base = url.rstrip("/")
+        self._service = service
+        self._headers = {"X-Consul-Token": token} if token else {}
+        self._connect_timeout = connect_timeout
+        self._stale = stale
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    async def query(self, index: int, wait: float) -> HealthResponse:
+        """Wait up to ``wait`` s for a change after ``index`` (0: answer at once).
+
+        The whole request has a deadline of ``wait`` plus Consul's jitter (wait/16)
+        plus the connect timeout; raises :class:`ConsulError` on any failure.
+        """
+        params: dict[str, str] = {"passing": "1"}
+        if self._stale:
+            params["stale"] = "1"
+        deadline = self._connect_timeout + 1.0
+        if index > 0:
+            params["index"] = str(index)
+            params["wait"] = f"{max(1, round(wait * 1000))}ms"
+            deadline += wait * (1 + 1 / 16)
+        timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=self._connect_timeout)
+        url = f"{self._base}/v1/health/service/{self._service}"
+        session = await self._get_session()
+        try:
+            async with session.get(url, params=params, timeout=timeout) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    text = body[:200].decode(errors="replace").strip()
+                    raise ConsulError(f"{url}: HTTP {resp.status}: {text}")
+                raw_index = resp.headers.get("X-Consul-Index", "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ConsulError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            new_index = int(raw_index)
+        except ValueError as exc:
+            raise ConsulError(f"{url}: bad X-Consul-Index header {raw_index!r}") from exc
+        # Parsing ~10 MB for 10,000 instances takes a while: keep the event loop serving.
+        try:
+            entries = await asyncio.to_thread(json.loads, body)
+        except ValueError as exc:
+            raise ConsulError(f"{url}: response is not JSON: {exc}") from exc
+        if not isinstance(entries, list):
+            raise ConsulError(f"{url}: response is not a JSON list")
+        return HealthResponse(new_index, entries)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class CatalogWatcher:
+    """Keeps :attr:`current` in step with Consul; serves lookups without waiting on it.
+
+    On a Consul error the last map stays, ``consul_up`` drops to 0, the error is counted
+    and logged, and the next attempt follows a bounded exponential backoff with jitter.
+    The first success afterwards is a full, non-blocking resync.
+    """
+
+    def __init__(
+        self,
+        client: ConsulHealthClient,
+        metrics: DirectoryMetrics,
+        *,
+        wait: float = 30.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._wait = wait
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._clock = clock
+        self._sleep = sleep
+        self.current = DirectoryMap()
+        self._synced_at: float | None = None
+        self._synced = asyncio.Event()
+        self._index = 0
+        self._failures = 0
+        self._seen_rejections: set[RejectedInstance] = set()
+        self._rejection_reasons: set[str] = set()
+        metrics.bind_map(self.map_age, lambda: len(self.current))
+
+    def lookup(self, key: str) -> bytes | None:
+        """The reply for atSign ``key`` from the current map (None: answer null)."""
+        return self.current.answers.get(key)
+
+    def map_age(self) -> float:
+        """Seconds since Consul last confirmed the map, -1 if it never did."""
+        if self._synced_at is None:
+            return -1.0
+        return self._clock() - self._synced_at
+
+    @property
+    def synced(self) -> bool:
+        """True once a first map came from Consul."""
+        return self._synced_at is not None
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the first map; True if it came."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _apply(self, response: HealthResponse) -> None:
+        new_map = build_map(response.entries, response.index)
+        old = self.current
+        self.current = new_map
+        self._synced_at = self._clock()
+        self._synced.set()
+        self._metrics.consul_syncs.inc()
+        self._metrics.instances_shadowed.set(new_map.shadowed)
+        reasons: dict[str, int] = {}
+        for r in new_map.rejected:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        for reason in self._rejection_reasons - reasons.keys():
+            self._metrics.instances_rejected.labels(reason).set(0)
+        for reason, count in reasons.items():
+            self._metrics.instances_rejected.labels(reason).set(count)
+        self._rejection_reasons |= reasons.keys()
+        # Log each bad registration once while it stays bad, not on every sync.
+        rejected_now = set(new_map.rejected)
+        for r in rejected_now - self._seen_rejections:
+            log_event(
+                log, logging.WARNING, "instance_ignored", service_id=r.service_id, reason=r.reason
+            )
+        self._seen_rejections = rejected_now
+        if len(old) != len(new_map) or old.index == 0:
+            log_event(log, logging.DEBUG, "map_updated", atsigns=len(new_map), index=response.index)
+
+    def _next_index(self, new_index: int) -> int:
+        # Consul: an index that goes backwards (e.g. a restarted agent) means start over.
+        if new_index < self._index:
+            return 0
+        return max(new_index, 1)
+
+    async def sync_once(self) -> None:
+        """One query (blocking if a map is already held); raises :class:`ConsulError`."""
+        response = await self._client.query(self._index, self._wait)
+        next_index = self._next_index(response.index)
+        if next_index == 0:
+            log_event(log, logging.INFO, "consul_index_reset", old=self._index, new=response.index)
+            self._index = 0
+            return
+        if response.index != self._index or not self.synced:
+            self._apply(response)
+        else:
+            self._synced_at = self._clock()
+        self._index = next_index
+
+    async def run(self) -> None:
+        """Follow Consul until cancelled."""
+        while True:
+            try:
+                await self.sync_once()
+            except ConsulError as exc:
+                self._failures += 1
+                self._index = 0  # resync in full when Consul is back
+                self._metrics.consul_errors.inc()
+                self._metrics.consul_up.set(0)
+                delay = min(
+                    self._backoff_max, self._backoff_initial * 2 ** min(self._failures - 1, 16)
+                )
+                delay *= random.uniform(0.5, 1.0)
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "consul_error",
+                    error=str(exc),
+                    failures=self._failures,
+                    retry_in=round(delay, 3),
+                    map_age=round(self.map_age(), 3),
+                    atsigns=len(self.current),
+                )
+                await self._sleep(delay)
+                continue
+            if self._failures:
+                log_event(
+                    log, logging.INFO, "consul_recovered", after_failures=self._failures,
+                    atsigns=len(self.current),
+                )  # fmt: skip
+            self._failures = 0
+            self._metrics.consul_up.set(1)

@@ -1,0 +1,249 @@
+"""Helpers for directory tests: Consul registrations, a real ``atdirectory`` process, atsdk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from testbed.consul import ConsulAgent
+from testbed.ports import free_port
+from testbed.process import ManagedProcess, wait_until
+from testbed.tls import CertPair, TestCA
+
+ATDIRECTORY = Path(sys.executable).parent / "atdirectory"
+
+
+def atsign_base(key_prefix: str) -> str:
+    """A short, unique atSign stem for one test (``t/test_x-1a2b3c4d`` -> ``x1a2b3c4d``)."""
+    slug = re.sub(r"[^a-z0-9]", "", key_prefix.rsplit("/", 1)[-1].lower())
+    return slug[-20:]
+
+
+def consul_put(url: str, path: str, body: Any = None, timeout: float = 5.0) -> None:
+    data = b"" if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="PUT")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        resp.read()
+
+
+class Registrar:
+    """Registers ``atserver`` instances the way the supervisor does (TTL checks we flip)."""
+
+    def __init__(self, agent: ConsulAgent) -> None:
+        self.agent = agent
+        self.ids: list[str] = []
+
+    def register(
+        self,
+        atsign: str,
+        port: int,
+        token: int | str | None,
+        *,
+        host: str = "127.0.0.1",
+        node: str = "n1",
+        cloud: str = "a",
+        passing: bool = True,
+        service_id: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        sid = service_id or f"atserver-{atsign.lstrip('@')}-{node}"
+        m = {"atsign": atsign, "node": node, "cloud": cloud}
+        if token is not None:
+            m["fencing_token"] = str(token)
+        if meta is not None:
+            m = meta
+        consul_put(
+            self.agent.url,
+            "/v1/agent/service/register",
+            {
+                "Name": "atserver",
+                "ID": sid,
+                "Address": host,
+                "Port": port,
+                "Tags": [atsign.lstrip("@")],
+                "Meta": m,
+                "Check": {
+                    "CheckID": f"service:{sid}",
+                    "TTL": "3600s",
+                    "Status": "passing" if passing else "critical",
+                },
+            },
+        )
+        self.ids.append(sid)
+        return sid
+
+    def set_passing(self, sid: str, passing: bool) -> None:
+        verb = "pass" if passing else "fail"
+        consul_put(self.agent.url, f"/v1/agent/check/{verb}/service:{sid}")
+
+    def deregister(self, sid: str) -> None:
+        consul_put(self.agent.url, f"/v1/agent/service/deregister/{sid}")
+
+    def cleanup(self) -> None:
+        if not self.agent.process or not self.agent.process.running():
+            return
+        for sid in self.ids:
+            with contextlib.suppress(OSError):
+                self.deregister(sid)
+
+
+@pytest.fixture
+def registrar(consul_agent: ConsulAgent) -> Iterator[Registrar]:
+    reg = Registrar(consul_agent)
+    try:
+        yield reg
+    finally:
+        reg.cleanup()
+
+
+class DirectoryProcess:
+    """``atdirectory serve`` as a real child process on free loopback ports."""
+
+    def __init__(
+        self, base_dir: Path, consul_url: str, cert: CertPair, *extra: str, name: str = "dir"
+    ) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        argv = [
+            str(ATDIRECTORY), "serve",
+            "--consul", consul_url,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--cert", str(cert.cert), "--key", str(cert.key),
+            "--metrics-port", str(self.metrics_port),
+            "--consul-wait", "10",
+            *extra,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATDIRECTORY_")}
+        self.process = ManagedProcess(name, argv, base_dir / f"{name}.log", env=env)
+
+    def start(self) -> None:
+        self.process.start()
+        wait_until(self.healthy, 20, what=f"atdirectory on {self.port}")
+
+    def healthy(self) -> bool:
+        if not self.process.running():
+            raise RuntimeError(f"atdirectory exited:\n{self.process.log_tail()}")
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by name (labels folded in as ``name{k=v}``)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def log_tail(self) -> str:
+        return self.process.log_tail(80)
+
+
+@pytest.fixture
+def start_directory(
+    tmp_path: Path, consul_agent: ConsulAgent, server_cert: CertPair
+) -> Iterator[Any]:
+    """Factory: ``start_directory(*extra_args)`` -> a running :class:`DirectoryProcess`."""
+    started: list[DirectoryProcess] = []
+
+    def start(*extra: str) -> DirectoryProcess:
+        d = DirectoryProcess(
+            tmp_path, consul_agent.url, server_cert, *extra, name=f"dir{len(started)}"
+        )
+        started.append(d)
+        d.start()
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.stop()
+            print(f"\n===== {d.process.name} log (last lines) =====\n{d.log_tail()}")
+
+
+class AtsdkRoot:
+    """atsdk's real ``AtRootConnection``, driven from a daemon thread with bounded waits.
+
+    atsdk has no timeouts and spins when the server closes, so every call is given up
+    after ``timeout`` seconds (the thread is a daemon and cannot block the test run).
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._conn: Any = self._call(self._new_connection)
+
+    def _new_connection(self) -> Any:
+        from at_client.connections.atrootconnection import AtRootConnection
+
+        # atsdk keeps one root connection per process; tests want their own.
+        AtRootConnection._AtRootConnection__instance = None
+        return AtRootConnection(self.host, self.port, None, False)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        fut: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True, name="atsdk-call").start()
+        return fut.result(timeout=self.timeout)
+
+    def find(self, atsign: str) -> str | None:
+        """``host:port`` for ``atsign``, or None when the directory answers null."""
+        from at_client.common.atsign import AtSign
+        from at_client.exception.atexception import AtSecondaryNotFoundException
+
+        try:
+            address = self._call(self._conn.find_secondary, AtSign(atsign))
+        except AtSecondaryNotFoundException:
+            return None
+        return str(address)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._call(self._conn.disconnect)
+
+
+@pytest.fixture
+def atsdk_root(test_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Factory: ``atsdk_root(port)`` -> :class:`AtsdkRoot` connected to 127.0.0.1:port."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(test_ca.cert_path))
+    made: list[AtsdkRoot] = []
+
+    def make(port: int, host: str = "127.0.0.1") -> AtsdkRoot:
+        root = AtsdkRoot(host, port)
+        made.append(root)
+        return root
+
+    try:
+        yield make
+    finally:
+        for r in made:
+            r.close()
