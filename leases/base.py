@@ -244,9 +244,32 @@ class Session(abc.ABC):
 class Backend(abc.ABC):
     """A DCS holding atSign claims under a key prefix. Use as an async context manager."""
 
+    min_ttl: float = 0.0
+    """The backend's smallest session TTL in seconds (etcd 2, Consul 10)."""
+
+    def validate_timing(self, timing: Timing) -> None:
+        """Raise :class:`TimingError` if ``timing`` cannot be honoured by this backend.
+
+        The generic rules are checked by :class:`Timing` itself; this adds the
+        backend's own (minimum TTL, whole seconds, ...). ``open_session`` calls it.
+        """
+        if timing.ttl < self.min_ttl:
+            raise TimingError(
+                f"ttl ({timing.ttl}s) is below the {type(self).__name__} minimum of "
+                f"{self.min_ttl:g}s"
+            )
+
+    def failover_bound(self, timing: Timing) -> float:
+        """Worst-case seconds from a holder's last renewal until another node can claim."""
+        return timing.ttl
+
     @abc.abstractmethod
     async def open_session(self, node: str, timing: Timing) -> Session:
-        """Create a node session and start its renew loop."""
+        """Create a node session and start its renew loop (after :meth:`validate_timing`).
+
+        Raises :class:`TimingError` for a timing table the backend cannot honour
+        and :class:`DCSUnavailable` if the DCS cannot be reached.
+        """
 
     @abc.abstractmethod
     async def owner(self, atsign: str) -> Claim | None:

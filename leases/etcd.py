@@ -1,0 +1,655 @@
+"""Claims on etcd v3: one lease per node session, one key per atSign, token = mod_revision.
+
+We use aetcd's generated gRPC stubs and messages (``aetcd.rpc``) on channels we
+build ourselves, because ``aetcd.Client`` only opens plaintext channels to one
+endpoint, runs no keepalives and does not re-create watches. Every call here
+has a deadline; a member that fails or does not answer in time is left for
+the next one (several endpoints = one cluster).
+
+- Session: ``LeaseGrant(ttl)``; renewals are ``LeaseKeepAlive`` round trips; an
+  answer with ``TTL == 0`` means the lease is gone.
+- Claim: ``Txn(create_revision(key) == 0 → put(key, info, lease) | range(key))``;
+  the fencing token is the key's ``mod_revision`` (the txn's header revision).
+- Release: ``Txn(mod_revision(key) == token → delete(key))``.
+- Watch: one Watch stream per iterator, resumed from the last seen revision on
+  another member after a failure; a compacted gap yields a RESYNC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc  # type: ignore[import-untyped]  # no stubs; see docs/leases.md
+from aetcd import rpc
+
+from leases.base import (
+    Backend,
+    Claim,
+    ClaimEvent,
+    ClaimEventKind,
+    ClaimInfo,
+    Clock,
+    DCSUnavailable,
+    LeaseError,
+    Session,
+    SessionLost,
+    Timing,
+    TimingError,
+    normalize_atsign,
+)
+from leases.keys import KeyLayout, decode_info, encode_info
+from leases.renewal import RenewingSession
+
+log = logging.getLogger("leases.etcd")
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+
+# Transport trouble: try the next member. Anything else is an answer.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+
+_CHANNEL_OPTIONS = [
+    # Reconnect to a restarted member within about a second, not after minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # etcd's default --grpc-keepalive-min-time is 5 s; ping less often than that.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.enable_retries", 0),
+]
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, bool | None]:
+    """``host:port``, ``http://host:port`` or ``https://host:port`` → (``host:port``, tls)."""
+    text = endpoint.strip()
+    tls: bool | None = None
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme not in ("http", "https"):
+            raise ValueError(f"etcd endpoint {endpoint!r}: scheme must be http or https")
+        tls = scheme == "https"
+    text = text.rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"etcd endpoint {endpoint!r}: expected host:port (e.g. 127.0.0.1:2379)")
+    return f"{host}:{port}", tls
+
+
+def _read_file(what: str, path: str | Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"etcd {what}: cannot read {path}: {exc.strerror}") from None
+
+
+@dataclass
+class _Member:
+    """One endpoint with its lazily opened channel, stubs and auth token."""
+
+    address: str
+    channel: grpc.aio.Channel | None = None
+    kv: Any = None
+    lease: Any = None
+    watch: Any = None
+    auth: Any = None
+    token: str | None = field(default=None, repr=False)
+
+
+class EtcdBackend(Backend):
+    """Claims under ``<prefix>/claims/`` on an etcd v3 cluster.
+
+    ``endpoints``: ``host:port`` of every member (``http://``/``https://`` accepted).
+    TLS is used when an endpoint says ``https://`` or ``ca_cert`` is given;
+    ``cert_cert``/``cert_key`` add a client certificate. ``username``/``password``
+    use etcd's auth (a token is fetched per member and renewed when refused).
+    Secrets are read once and never logged or shown in ``repr``.
+    """
+
+    min_ttl = 2.0
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str,
+        *,
+        request_timeout: float = 1.0,
+        ca_cert: str | Path | None = None,
+        cert_key: str | Path | None = None,
+        cert_cert: str | Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        if not endpoints:
+            raise ValueError("etcd endpoints: at least one host:port is required")
+        parsed = [parse_endpoint(e) for e in endpoints]
+        schemes = {tls for _, tls in parsed if tls is not None}
+        if len(schemes) > 1:
+            raise ValueError("etcd endpoints: mix of http:// and https:// endpoints")
+        if not request_timeout > 0:
+            raise ValueError(f"etcd request_timeout must be positive, got {request_timeout!r}")
+        if (username is None) != (password is None):
+            raise ValueError("etcd auth: give both username and password, or neither")
+        if (cert_key is None) != (cert_cert is None):
+            raise ValueError("etcd client certificate: give both cert_cert and cert_key")
+        self.layout = KeyLayout(prefix)
+        self.request_timeout = request_timeout
+        self.clock = clock
+        self._tls = bool(schemes == {True} or ca_cert is not None or cert_cert is not None)
+        self._credentials: grpc.ChannelCredentials | None = None
+        if self._tls:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_file("ca_cert", ca_cert),
+                private_key=_read_file("cert_key", cert_key),
+                certificate_chain=_read_file("cert_cert", cert_cert),
+            )
+        self._username = username
+        self._password = password
+        self._members = [_Member(address) for address, _ in parsed]
+        self._current = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"EtcdBackend(endpoints={[m.address for m in self._members]!r}, "
+            f"prefix={self.layout.prefix!r}, tls={self._tls}, "
+            f"auth={'yes' if self._username else 'no'})"
+        )
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.address for m in self._members]
+
+    # --- timing -------------------------------------------------------------------------
+
+    def validate_timing(self, timing: Timing) -> None:
+        super().validate_timing(timing)
+        if timing.ttl != int(timing.ttl):
+            raise TimingError(f"ttl ({timing.ttl}s): etcd lease TTLs are whole seconds")
+
+    def failover_bound(self, timing: Timing) -> float:
+        # The leader's lessor sweeps expired leases every 500 ms.
+        return timing.ttl + 0.5
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _open(self, member: _Member) -> _Member:
+        if member.channel is None:
+            if self._credentials is not None:
+                member.channel = grpc.aio.secure_channel(
+                    member.address, self._credentials, options=_CHANNEL_OPTIONS
+                )
+            else:
+                member.channel = grpc.aio.insecure_channel(member.address, options=_CHANNEL_OPTIONS)
+            member.kv = rpc.KVStub(member.channel)
+            member.lease = rpc.LeaseStub(member.channel)
+            member.watch = rpc.WatchStub(member.channel)
+            member.auth = rpc.AuthStub(member.channel)
+        return member
+
+    async def _metadata(self, member: _Member, timeout: float) -> Metadata:
+        if self._username is None:
+            return ()
+        if member.token is None:
+            resp = await member.auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password),
+                timeout=timeout,
+            )
+            member.token = resp.token
+        return (("token", member.token or ""),)
+
+    def _rotate_from(self, index: int) -> None:
+        if self._current == index:
+            self._current = (index + 1) % len(self._members)
+
+    async def _call(
+        self,
+        what: str,
+        op: Callable[[_Member, float, Metadata], Awaitable[T]],
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``op`` on the current member, moving on to the next ones until the deadline.
+
+        Raises DCSUnavailable naming every member tried; lets NOT_FOUND and
+        FAILED_PRECONDITION through as ``grpc.aio.AioRpcError`` (they are answers).
+        """
+        if self._closed:
+            raise LeaseError("the etcd backend is closed")
+        loop = asyncio.get_running_loop()
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        errors: list[str] = []
+        reauthed = False
+        attempts = 2 * len(self._members)
+        for attempt in range(attempts):
+            index = self._current
+            member = self._open(self._members[index])
+            remaining = deadline - loop.time()
+            if remaining <= 0.005:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    metadata = await self._metadata(member, remaining)
+                    return await op(member, remaining, metadata)
+            except TimeoutError:
+                errors.append(f"{member.address}: no answer within {remaining:.3g}s")
+                self._rotate_from(index)
+                break
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED and self._username and not reauthed:
+                    member.token = None  # expired or revoked token: fetch a new one once
+                    reauthed = True
+                    continue
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                errors.append(f"{member.address}: {code.name}: {exc.details()}")
+                if code not in _RETRYABLE:
+                    raise DCSUnavailable(
+                        f"etcd refused {what}: {code.name}: {exc.details()}"
+                    ) from None
+                self._rotate_from(index)
+            if (attempt + 1) % len(self._members) == 0:
+                # Every member failed fast: pause briefly before the next round.
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        raise DCSUnavailable(
+            f"etcd {what} failed within {budget:.3g}s: " + "; ".join(errors or ["no time left"])
+        )
+
+    def _claim_from_kv(self, kv: Any) -> Claim | None:
+        atsign = self.layout.atsign_of(kv.key.decode(errors="replace"))
+        if atsign is None:
+            return None
+        return Claim(
+            atsign=atsign,
+            token=int(kv.mod_revision),
+            session_id=f"{kv.lease:x}",
+            info=decode_info(kv.value),
+        )
+
+    # --- Backend ------------------------------------------------------------------------
+
+    async def open_session(self, node: str, timing: Timing) -> EtcdSession:
+        self.validate_timing(timing)
+        if not node:
+            raise ValueError("node name must not be empty")
+        sent = self.clock()
+
+        async def grant(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=int(timing.ttl)), timeout=t, metadata=md
+            )
+
+        resp = await self._call("lease grant", grant, timing.request_timeout)
+        if resp.error:
+            raise DCSUnavailable(f"etcd refused the lease grant: {resp.error}")
+        session = EtcdSession(self, node, timing, lease_id=int(resp.ID), granted_sent_at=sent)
+        session.start()
+        log.info(
+            "event=session_opened backend=etcd node=%s lease=%s ttl=%s",
+            node,
+            session.session_id,
+            resp.TTL,
+        )
+        return session
+
+    async def owner(self, atsign: str) -> Claim | None:
+        key = self.layout.claim_key(atsign).encode()
+
+        async def get(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Range(rpc.RangeRequest(key=key), timeout=t, metadata=md)
+
+        resp = await self._call(f"read of {atsign}", get)
+        return self._claim_from_kv(resp.kvs[0]) if resp.kvs else None
+
+    async def _snapshot(self) -> tuple[dict[str, Claim], int]:
+        start = self.layout.claims_dir.encode()
+        end = _prefix_end(start)
+
+        async def get(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Range(
+                rpc.RangeRequest(key=start, range_end=end), timeout=t, metadata=md
+            )
+
+        resp = await self._call("read of all claims", get)
+        claims: dict[str, Claim] = {}
+        for kv in resp.kvs:
+            claim = self._claim_from_kv(kv)
+            if claim is not None:
+                claims[claim.atsign] = claim
+        return claims, int(resp.header.revision)
+
+    async def owners(self) -> dict[str, Claim]:
+        claims, _ = await self._snapshot()
+        return claims
+
+    async def watch(self) -> AsyncIterator[ClaimEvent]:
+        next_rev: int | None = None
+        failures = 0
+        while not self._closed:
+            if next_rev is None:
+                try:
+                    snapshot, rev = await self._snapshot()
+                except DCSUnavailable as exc:
+                    failures += 1
+                    log.warning("event=watch_resync_failed error=%r", exc)
+                    await asyncio.sleep(_backoff(failures))
+                    continue
+                yield ClaimEvent(ClaimEventKind.RESYNC, snapshot=snapshot, revision=rev)
+                next_rev = rev + 1
+            stream = _WatchStream(self, next_rev)
+            try:
+                async for event in stream.events():
+                    failures = 0
+                    next_rev = event.revision + 1
+                    yield event
+            except _Compacted as exc:
+                log.warning("event=watch_compacted revision=%s; resyncing", exc.revision)
+                next_rev = None
+            except DCSUnavailable as exc:
+                failures += 1
+                log.warning(
+                    "event=watch_interrupted member=%s error=%r; resuming from revision %s",
+                    stream.member_address,
+                    exc,
+                    next_rev,
+                )
+                self._rotate_from(stream.member_index)
+                await asyncio.sleep(_backoff(failures))
+            finally:
+                await stream.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for m in self._members:
+            if m.channel is not None:
+                await m.channel.close()
+                m.channel = None
+                m.token = None
+
+
+class _Compacted(Exception):
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted below {revision}")
+        self.revision = revision
+
+
+class _WatchStream:
+    """One Watch RPC on one member; reads through a pump task (cancelling a read kills it)."""
+
+    def __init__(self, backend: EtcdBackend, start_revision: int) -> None:
+        self.backend = backend
+        self.start_revision = start_revision
+        self.member_index = backend._current
+        self.member = backend._open(backend._members[self.member_index])
+        self.member_address = self.member.address
+        self._call: Any = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+
+    async def _pump_responses(self) -> None:
+        try:
+            while True:
+                resp = await self._call.read()
+                if resp is grpc.aio.EOF:
+                    await self._queue.put(DCSUnavailable("watch stream ended"))
+                    return
+                await self._queue.put(resp)
+        except grpc.aio.AioRpcError as exc:
+            await self._queue.put(
+                DCSUnavailable(f"watch stream failed: {exc.code().name}: {exc.details()}")
+            )
+
+    async def _next(self, timeout: float) -> Any:
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def events(self) -> AsyncIterator[ClaimEvent]:
+        b = self.backend
+        t = b.request_timeout
+        # Probe an idle stream this often: a frozen member keeps TCP open but says nothing.
+        idle = max(1.0, 3 * t)
+        start = b.layout.claims_dir.encode()
+        try:
+            async with asyncio.timeout(t):
+                metadata = await b._metadata(self.member, t)
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            raise DCSUnavailable(f"watch auth on {self.member_address}: {exc!r}") from None
+        # "hasleader": a member cut off from the quorum cancels the watch instead of
+        # going silent.
+        self._call = self.member.watch.Watch(metadata=(*metadata, ("hasleader", "true")))
+        self._pump = asyncio.create_task(self._pump_responses(), name="etcd watch pump")
+        create = rpc.WatchCreateRequest(
+            key=start, range_end=_prefix_end(start), start_revision=self.start_revision
+        )
+        try:
+            await asyncio.wait_for(self._call.write(rpc.WatchRequest(create_request=create)), t)
+            resp = await self._next(t)
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            raise DCSUnavailable(f"watch create on {self.member_address}: {exc!r}") from None
+        self._check(resp)
+        while True:
+            for event in resp.events:
+                yield self._convert(event)
+            try:
+                resp = await self._next(idle)
+            except TimeoutError:
+                try:
+                    await asyncio.wait_for(
+                        self._call.write(
+                            rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+                        ),
+                        t,
+                    )
+                    resp = await self._next(t)
+                except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    raise DCSUnavailable(
+                        f"watch on {self.member_address} did not answer a progress request "
+                        f"within {t:.3g}s"
+                    ) from None
+            self._check(resp)
+
+    def _check(self, resp: Any) -> None:
+        if resp.compact_revision:
+            raise _Compacted(int(resp.compact_revision))
+        if resp.canceled:
+            raise DCSUnavailable(f"watch canceled by {self.member_address}: {resp.cancel_reason}")
+
+    def _convert(self, event: Any) -> ClaimEvent:
+        b = self.backend
+        kv = event.kv
+        rev = int(kv.mod_revision)
+        atsign = b.layout.atsign_of(kv.key.decode(errors="replace"))
+        if event.type == rpc.Event.DELETE:
+            return ClaimEvent(ClaimEventKind.DELETE, atsign=atsign, revision=rev)
+        return ClaimEvent(
+            ClaimEventKind.PUT, atsign=atsign, claim=b._claim_from_kv(kv), revision=rev
+        )
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+
+
+class EtcdSession(RenewingSession):
+    """A node session backed by one etcd lease."""
+
+    def __init__(
+        self,
+        backend: EtcdBackend,
+        node: str,
+        timing: Timing,
+        *,
+        lease_id: int,
+        granted_sent_at: float,
+    ) -> None:
+        self._backend = backend
+        self.lease_id = lease_id
+        super().__init__(node, timing, clock=backend.clock, granted_sent_at=granted_sent_at)
+
+    def __repr__(self) -> str:
+        return f"EtcdSession(node={self.node!r}, lease={self.session_id}, state={self.state.value})"
+
+    @property
+    def session_id(self) -> str:
+        return f"{self.lease_id:x}"
+
+    async def _renew_once(self, timeout: float) -> bool:
+        lease_id = self.lease_id
+
+        async def keepalive(m: _Member, t: float, md: Metadata) -> Any:
+            call = m.lease.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=t, metadata=md
+            )
+            async for reply in call:
+                return reply
+            raise DCSUnavailable("keepalive stream closed without an answer")
+
+        reply = await self._backend._call("lease keepalive", keepalive, timeout)
+        return int(reply.TTL) > 0
+
+    async def _revoke(self, timeout: float) -> None:
+        lease_id = self.lease_id
+
+        async def revoke(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.lease.LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease_id), timeout=t, metadata=md
+            )
+
+        try:
+            await self._backend._call("lease revoke", revoke, timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to do
+                raise DCSUnavailable(f"etcd lease revoke: {exc.details()}") from None
+
+    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+        atsign = normalize_atsign(atsign)
+        self.ensure_usable()
+        b = self._backend
+        key = b.layout.claim_key(atsign).encode()
+        value = encode_info(info)
+        compare = rpc.Compare(
+            key=key,
+            target=rpc.Compare.CREATE,
+            result=rpc.Compare.EQUAL,
+            create_revision=0,
+        )
+        request = rpc.TxnRequest(
+            compare=[compare],
+            success=[
+                rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=self.lease_id))
+            ],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
+        )
+
+        async def txn(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Txn(request, timeout=t, metadata=md)
+
+        try:
+            resp = await b._call(f"claim of {atsign}", txn)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # "requested lease not found"
+                self.tracker.mark_lost(f"etcd no longer knows lease {self.session_id}")
+                self._declare_lost(self.lost_reason or "lost")
+                raise SessionLost(
+                    f"session {self.session_id} of {self.node}: lease expired"
+                ) from None
+            raise DCSUnavailable(f"etcd claim of {atsign}: {exc.details()}") from None
+        if resp.succeeded:
+            claim: Claim | None = Claim(
+                atsign=atsign,
+                token=int(resp.header.revision),
+                session_id=self.session_id,
+                info=info,
+            )
+        else:
+            kvs = resp.responses[0].response_range.kvs
+            # A retried txn whose first attempt did apply finds its own key: still ours.
+            ours = bool(kvs) and int(kvs[0].lease) == self.lease_id
+            claim = b._claim_from_kv(kvs[0]) if ours else None
+        if claim is not None:
+            # Lost while the txn was in flight: the key goes with the lease; do not use it.
+            self.ensure_usable()
+            log.info(
+                "event=claimed backend=etcd atsign=%s node=%s token=%s",
+                atsign,
+                self.node,
+                claim.token,
+            )
+        return claim
+
+    async def release(self, claim: Claim) -> bool:
+        if claim.session_id != self.session_id:
+            return False
+        b = self._backend
+        key = b.layout.claim_key(claim.atsign).encode()
+        request = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(
+                    key=key,
+                    target=rpc.Compare.MOD,
+                    result=rpc.Compare.EQUAL,
+                    mod_revision=claim.token,
+                )
+            ],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))],
+        )
+
+        async def txn(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Txn(request, timeout=t, metadata=md)
+
+        try:
+            resp = await b._call(f"release of {claim.atsign}", txn)
+        except grpc.aio.AioRpcError as exc:
+            raise DCSUnavailable(f"etcd release of {claim.atsign}: {exc.details()}") from None
+        if resp.succeeded:
+            log.info(
+                "event=released backend=etcd atsign=%s node=%s token=%s",
+                claim.atsign,
+                self.node,
+                claim.token,
+            )
+        return bool(resp.succeeded)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end covering every key that starts with ``prefix``."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _backoff(failures: int) -> float:
+    return min(2.0, 0.05 * 2 ** min(failures, 6))
+
+
+__all__ = ["EtcdBackend", "EtcdSession", "Session", "parse_endpoint"]
