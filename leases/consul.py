@@ -1,0 +1,446 @@
+"""Claims on Consul: one TTL session per node, one locked KV key per atSign, token = ModifyIndex.
+
+Built on py-consul's asyncio client (``consul.aio``). Every call runs under
+``asyncio.timeout``. Sessions are created with ``Behavior=delete`` and no health
+checks, so a claim is exactly a key locked by a live session: when the session
+is invalidated its keys are deleted.
+
+- Session: ``PUT /v1/session/create`` with ``TTL``; renewals are
+  ``/v1/session/renew``; a 404 there means the session is gone.
+- Claim: one transaction ``check-not-exists(key)``, ``lock(key, session)``,
+  ``get(key)``; the fencing token is the key's ``ModifyIndex`` after the lock.
+- Release: ``DELETE key?cas=<token>`` (no lock-delay: only invalidation sets it).
+- Watch: blocking queries on the claims prefix, diffed into PUT/DELETE; after
+  an error or an index that went backwards (agent restarted) a RESYNC.
+
+Consul semantics that shape the timing (see docs/leases.md): the TTL minimum
+is 10 s, the servers may take up to 2*TTL to invalidate an unrenewed session,
+and after an invalidation (expiry or destroy) ``lock_delay`` blocks new locks
+on its keys. A node dying is therefore seen by others after at most
+``2 * ttl + lock_delay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import consul
+import consul.aio
+
+from leases.base import (
+    Backend,
+    Claim,
+    ClaimEvent,
+    ClaimEventKind,
+    ClaimInfo,
+    Clock,
+    DCSUnavailable,
+    LeaseError,
+    SessionLost,
+    Timing,
+    TimingError,
+    normalize_atsign,
+)
+from leases.keys import KeyLayout, decode_info, encode_info
+from leases.renewal import RenewingSession
+
+log = logging.getLogger("leases.consul")
+
+T = TypeVar("T")
+
+MAX_LOCK_DELAY = 60.0
+"""Consul caps a session's lock-delay at 60 s."""
+MAX_TTL = 86400.0
+
+
+def _duration(seconds: float) -> str:
+    """A Go duration string Consul accepts: ``10s``, ``0.5s``."""
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds:g}s"
+
+
+class ConsulBackend(Backend):
+    """Claims under ``<prefix>/claims/`` in one Consul datacenter's KV store.
+
+    ``url``: the agent's HTTP(S) address, e.g. ``http://127.0.0.1:8500``.
+    ``token``: ACL token (needs ``session:write`` and ``key:write`` on the prefix);
+    only this argument is used (``CONSUL_HTTP_TOKEN`` is ignored, so config wins).
+    ``lock_delay``: seconds Consul blocks re-locking a key after its session was
+    invalidated (Consul's default is 15 s; at most 60 s). It guards against an
+    owner that has not noticed its loss yet, and adds to the failover time.
+    ``verify``: verify the server certificate (default True); ``ca_cert`` a CA
+    file to verify it with; ``cert_cert``/``cert_key`` a client certificate.
+    ``watch_wait``: the blocking-query wait of :meth:`watch`.
+    """
+
+    min_ttl = 10.0
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        token: str | None = None,
+        request_timeout: float = 1.0,
+        lock_delay: float = 15.0,
+        verify: bool = True,
+        ca_cert: str | Path | None = None,
+        cert_cert: str | Path | None = None,
+        cert_key: str | Path | None = None,
+        watch_wait: float = 5.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"Consul url {url!r}: expected http(s)://host:port")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 8500)
+        except ValueError:
+            raise ValueError(f"Consul url {url!r}: invalid port") from None
+        if not request_timeout > 0:
+            raise ValueError(f"Consul request_timeout must be positive, got {request_timeout!r}")
+        if not (math.isfinite(lock_delay) and 0 <= lock_delay <= MAX_LOCK_DELAY):
+            raise ValueError(
+                f"Consul lock_delay must be between 0 and {MAX_LOCK_DELAY:g} seconds, "
+                f"got {lock_delay!r}"
+            )
+        if not watch_wait >= 1:
+            raise ValueError(f"Consul watch_wait must be at least 1 s, got {watch_wait!r}")
+        if (cert_cert is None) != (cert_key is None):
+            raise ValueError("Consul client certificate: give both cert_cert and cert_key")
+        for what, path in (("ca_cert", ca_cert), ("cert_cert", cert_cert), ("cert_key", cert_key)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"Consul {what}: {path} is not a readable file")
+        self.url = f"{parts.scheme}://{parts.hostname}:{port}"
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = port
+        self.layout = KeyLayout(prefix)
+        self.request_timeout = request_timeout
+        self.lock_delay = lock_delay
+        self.watch_wait = watch_wait
+        self.clock = clock
+        self._token = token
+        self._verify: bool | str = str(ca_cert) if ca_cert is not None else verify
+        self._cert = (str(cert_cert), str(cert_key)) if cert_cert and cert_key else None
+        self._client: Any = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ConsulBackend(url={self.url!r}, prefix={self.layout.prefix!r}, "
+            f"lock_delay={self.lock_delay:g}, token={'<set>' if self._token else None})"
+        )
+
+    # --- timing -------------------------------------------------------------------------
+
+    def validate_timing(self, timing: Timing) -> None:
+        super().validate_timing(timing)
+        if timing.ttl > MAX_TTL:
+            raise TimingError(f"ttl ({timing.ttl}s) is above Consul's maximum of {MAX_TTL:g}s")
+
+    def failover_bound(self, timing: Timing) -> float:
+        return 2 * timing.ttl + self.lock_delay
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _consul(self) -> Any:
+        if self._closed:
+            raise LeaseError("the Consul backend is closed")
+        if self._client is None:
+            # Created lazily: the aiohttp session belongs to the running event loop.
+            self._client = consul.aio.Consul(
+                host=self._host,
+                port=self._port,
+                scheme=self._scheme,
+                token=self._token,
+                verify=self._verify,
+                cert=self._cert,
+            )
+            self._client.token = self._token  # py-consul lets CONSUL_HTTP_TOKEN win otherwise
+        return self._client
+
+    async def _call(
+        self, what: str, op: Callable[[Any], Awaitable[T]], timeout: float | None = None
+    ) -> T:
+        """Run ``op(client)`` within the deadline; lets ``consul.NotFound`` through."""
+        budget = self.request_timeout if timeout is None else timeout
+        client = self._consul()
+        try:
+            async with asyncio.timeout(budget):
+                return await op(client)
+        except TimeoutError:
+            raise DCSUnavailable(
+                f"Consul {self.url}: {what} got no answer within {budget:.3g}s"
+            ) from None
+        except consul.NotFound:
+            raise
+        except consul.ACLPermissionDenied:
+            raise DCSUnavailable(
+                f"Consul {self.url} refused {what}: permission denied (check the ACL token)"
+            ) from None
+        except (aiohttp.ClientError, OSError, consul.ConsulException) as exc:
+            raise DCSUnavailable(f"Consul {self.url}: {what} failed: {exc}") from None
+
+    async def _txn(self, payload: list[dict[str, Any]], what: str) -> tuple[int, Any]:
+        """``PUT /v1/txn`` with the token (py-consul's ``txn.put`` sends none)."""
+
+        async def put(c: Any) -> tuple[int, Any]:
+            def parse(response: Any) -> tuple[int, Any]:
+                try:
+                    body = json.loads(response.body) if response.body else None
+                except ValueError:
+                    body = response.body
+                return int(response.code), body
+
+            return await c.http.put(
+                parse, "/v1/txn", headers=c.prepare_headers(), data=json.dumps(payload)
+            )
+
+        code, body = await self._call(what, put)
+        if code == 403:
+            raise DCSUnavailable(
+                f"Consul {self.url} refused {what}: permission denied (check the ACL token)"
+            )
+        if code not in (200, 409):
+            raise DCSUnavailable(f"Consul {self.url}: {what} failed: HTTP {code}: {body}")
+        return code, body
+
+    def _claim_from_entry(self, entry: Mapping[str, Any]) -> Claim | None:
+        atsign = self.layout.atsign_of(str(entry.get("Key", "")))
+        session = entry.get("Session")
+        if atsign is None or not session:
+            return None  # a key no live session holds is not a claim
+        value = entry.get("Value")
+        if isinstance(value, str):  # transaction results carry base64 text
+            value = base64.b64decode(value)
+        return Claim(
+            atsign=atsign,
+            token=int(entry["ModifyIndex"]),
+            session_id=str(session),
+            info=decode_info(value),
+        )
+
+    async def _read_entries(self, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
+        key = self.layout.claims_dir
+        timeout = None
+        if wait is not None:
+            timeout = wait + wait / 16 + self.request_timeout  # Consul adds up to wait/16 jitter
+
+        async def get(c: Any) -> tuple[Any, Any]:
+            return await c.kv.get(
+                key,
+                recurse=True,
+                index=index or None,
+                wait=_duration(wait) if wait is not None else None,
+            )
+
+        idx, entries = await self._call("read of all claims", get, timeout)
+        return int(idx), entries or []
+
+    def _snapshot(self, entries: list[Mapping[str, Any]]) -> dict[str, Claim]:
+        claims: dict[str, Claim] = {}
+        for entry in entries:
+            claim = self._claim_from_entry(entry)
+            if claim is not None:
+                claims[claim.atsign] = claim
+        return claims
+
+    # --- Backend ------------------------------------------------------------------------
+
+    async def open_session(self, node: str, timing: Timing) -> ConsulSession:
+        self.validate_timing(timing)
+        if not node:
+            raise ValueError("node name must not be empty")
+        sent = self.clock()
+        body = {
+            "Name": f"atfailover {node}",
+            "TTL": _duration(timing.ttl),
+            "LockDelay": _duration(self.lock_delay),
+            "Behavior": "delete",
+            "Checks": [],  # TTL only: no tie to the health of the agent we talk to
+        }
+
+        async def create(c: Any) -> Any:
+            def parse(response: Any) -> Any:
+                consul.callback.CB._status(response)
+                return json.loads(response.body)["ID"]
+
+            return await c.http.put(
+                parse, "/v1/session/create", headers=c.prepare_headers(), data=json.dumps(body)
+            )
+
+        session_id = await self._call("session create", create, timing.request_timeout)
+        session = ConsulSession(
+            self, node, timing, session_id=str(session_id), granted_sent_at=sent
+        )
+        session.start()
+        log.info(
+            "event=session_opened backend=consul node=%s session=%s ttl=%s lock_delay=%s",
+            node,
+            session_id,
+            timing.ttl,
+            self.lock_delay,
+        )
+        return session
+
+    async def owner(self, atsign: str) -> Claim | None:
+        key = self.layout.claim_key(atsign)
+
+        async def get(c: Any) -> Any:
+            return await c.kv.get(key)
+
+        _, entry = await self._call(f"read of {atsign}", get)
+        return self._claim_from_entry(entry) if entry else None
+
+    async def owners(self) -> dict[str, Claim]:
+        _, entries = await self._read_entries()
+        return self._snapshot(entries)
+
+    async def watch(self) -> AsyncIterator[ClaimEvent]:
+        index = 0
+        previous: dict[str, Claim] = {}
+        resync = True
+        failures = 0
+        while not self._closed:
+            try:
+                idx, entries = await self._read_entries(index, self.watch_wait if index else None)
+            except DCSUnavailable as exc:
+                failures += 1
+                resync = True
+                log.warning("event=watch_interrupted backend=consul error=%r", exc)
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+                continue
+            failures = 0
+            current = self._snapshot(entries)
+            if resync or idx < index:
+                # First read, after an outage, or the index went backwards (the agent
+                # lost its state): we cannot say what happened in between.
+                yield ClaimEvent(ClaimEventKind.RESYNC, snapshot=dict(current), revision=idx)
+                resync = False
+            else:
+                for atsign in sorted(previous.keys() - current.keys()):
+                    yield ClaimEvent(ClaimEventKind.DELETE, atsign=atsign, revision=idx)
+                for atsign, claim in sorted(current.items()):
+                    if previous.get(atsign) != claim:
+                        yield ClaimEvent(
+                            ClaimEventKind.PUT, atsign=atsign, claim=claim, revision=claim.token
+                        )
+            previous = current
+            index = max(idx, 1)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+
+class ConsulSession(RenewingSession):
+    """A node session backed by one Consul session (TTL, behavior=delete)."""
+
+    def __init__(
+        self,
+        backend: ConsulBackend,
+        node: str,
+        timing: Timing,
+        *,
+        session_id: str,
+        granted_sent_at: float,
+    ) -> None:
+        self._backend = backend
+        self._session_id = session_id
+        super().__init__(node, timing, clock=backend.clock, granted_sent_at=granted_sent_at)
+
+    def __repr__(self) -> str:
+        return f"ConsulSession(node={self.node!r}, id={self._session_id}, state={self.state.value})"
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    async def _renew_once(self, timeout: float) -> bool:
+        sid = self._session_id
+        try:
+            await self._backend._call("session renew", lambda c: c.session.renew(sid), timeout)
+        except consul.NotFound:
+            return False
+        return True
+
+    async def _revoke(self, timeout: float) -> None:
+        sid = self._session_id
+        await self._backend._call("session destroy", lambda c: c.session.destroy(sid), timeout)
+
+    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+        atsign = normalize_atsign(atsign)
+        self.ensure_usable()
+        b = self._backend
+        key = b.layout.claim_key(atsign)
+        value = base64.b64encode(encode_info(info)).decode()
+        payload = [
+            {"KV": {"Verb": "check-not-exists", "Key": key}},
+            {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": self._session_id}},
+            {"KV": {"Verb": "get", "Key": key}},
+        ]
+        code, body = await b._txn(payload, f"claim of {atsign}")
+        claim: Claim | None = None
+        if code == 200:
+            results = (body or {}).get("Results") or []
+            entries = [r["KV"] for r in results if r.get("KV") and r["KV"].get("Key") == key]
+            if not entries:
+                raise DCSUnavailable(f"Consul claim of {atsign}: transaction returned no entry")
+            entry = max(entries, key=lambda e: int(e.get("ModifyIndex", 0)))
+            if entry.get("Session") != self._session_id:
+                raise DCSUnavailable(f"Consul claim of {atsign}: lock not confirmed")
+            claim = Claim(atsign, int(entry["ModifyIndex"]), self._session_id, info)
+        else:
+            errors = "; ".join(str(e.get("What", "")) for e in (body or {}).get("Errors") or [])
+            if "invalid session" in errors.lower():
+                self.tracker.mark_lost(f"Consul no longer knows session {self._session_id}")
+                self._declare_lost(self.lost_reason or "lost")
+                raise SessionLost(f"session {self._session_id} of {self.node}: {errors}")
+            # Lost the race (key exists) or lock-delay in effect; a retried transaction
+            # whose first attempt applied finds its own lock: still ours.
+            current = await b.owner(atsign)
+            if current is not None and current.session_id == self._session_id:
+                claim = current
+            else:
+                log.debug("event=claim_refused atsign=%s node=%s why=%r", atsign, self.node, errors)
+        if claim is not None:
+            self.ensure_usable()
+            log.info(
+                "event=claimed backend=consul atsign=%s node=%s token=%s",
+                atsign,
+                self.node,
+                claim.token,
+            )
+        return claim
+
+    async def release(self, claim: Claim) -> bool:
+        if claim.session_id != self._session_id:
+            return False
+        b = self._backend
+        key = b.layout.claim_key(claim.atsign)
+        deleted = await b._call(
+            f"release of {claim.atsign}", lambda c: c.kv.delete(key, cas=claim.token)
+        )
+        if deleted:
+            log.info(
+                "event=released backend=consul atsign=%s node=%s token=%s",
+                claim.atsign,
+                self.node,
+                claim.token,
+            )
+        return bool(deleted)
+
+
+__all__ = ["ConsulBackend", "ConsulSession"]
