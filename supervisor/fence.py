@@ -1,0 +1,198 @@
+"""The fence: stops this node's atServers when the supervisor has not renewed in time.
+
+``supervisor run`` starts ``supervisor fence`` as a companion process in its
+own session (so a SIGKILL or SIGSTOP of the supervisor's process group does
+not reach it). After every successful renewal the supervisor atomically
+writes the session's renew deadline, in CLOCK_MONOTONIC seconds (system-wide
+on Linux, so both processes share the clock), to a heartbeat file. The fence
+polls it every ``min(0.1 s, stop_budget/5)``; once now >= deadline, or if the
+file is missing or garbled (fail safe), it stops every workload of the node
+through the runner (short SIGTERM grace, then SIGKILL) and writes one line per
+workload to ``fence.log``. Since ``renew_deadline + stop_budget < ttl``, the
+workloads are gone before the claims can expire on the DCS.
+
+The supervisor writes the heartbeat *before* it starts anything, and the
+fence re-reads the heartbeat after listing workloads and before stopping
+them, so a workload started under a fresh heartbeat is never fenced by a
+stale one. The fence exits when its supervisor is gone and nothing runs, or
+when the supervisor shut down cleanly (state ``stopped``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from atserver_runner.base import Runner, WorkloadState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    pid: int
+    deadline: float
+    """CLOCK_MONOTONIC seconds by which the supervisor must have stopped acting."""
+    written: float
+    state: str = "running"
+    """``running`` or ``stopped`` (clean shutdown: everything already stopped)."""
+
+
+def write_heartbeat(path: Path, hb: Heartbeat) -> None:
+    """Atomically replace the heartbeat file (write a temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {"pid": hb.pid, "deadline": hb.deadline, "written": hb.written, "state": hb.state}
+        )
+    )
+    os.replace(tmp, path)
+
+
+def read_heartbeat(path: Path) -> Heartbeat | None:
+    """The heartbeat, or ``None`` when missing or garbled (the caller then fences)."""
+    try:
+        data = json.loads(path.read_text())
+        return Heartbeat(
+            pid=int(data["pid"]),
+            deadline=float(data["deadline"]),
+            written=float(data["written"]),
+            state=str(data.get("state", "running")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _process_alive(pid: int, create_time: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Fence:
+    """The fence loop for one node (see module docstring)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        heartbeat_path: Path,
+        log_path: Path,
+        *,
+        supervisor_pid: int,
+        poll_interval: float,
+        kill_grace: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.heartbeat_path = heartbeat_path
+        self.log_path = log_path
+        self.supervisor_pid = supervisor_pid
+        self.poll_interval = poll_interval
+        self.kill_grace = kill_grace
+        self.clock = clock
+        try:
+            self._sup_create: float | None = psutil.Process(supervisor_pid).create_time()
+        except psutil.Error:
+            self._sup_create = None
+
+    def _expired(self) -> tuple[bool, Heartbeat | None, str]:
+        hb = read_heartbeat(self.heartbeat_path)
+        if hb is None:
+            return True, None, "heartbeat file missing or unreadable"
+        now = self.clock()
+        if now >= hb.deadline:
+            return True, hb, f"renew deadline passed {now - hb.deadline:.3f}s ago"
+        if hb.pid != self.supervisor_pid:
+            return False, hb, ""  # a newer supervisor (with its own fence) took over
+        if hb.state == "stopped":
+            return True, hb, "supervisor shut down"
+        if not self.supervisor_alive():
+            return True, hb, f"supervisor process {self.supervisor_pid} is gone"
+        return False, hb, ""
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    async def check_once(self) -> int:
+        """One poll: stop everything if the heartbeat is stale; return how many were stopped."""
+        expired, hb, why = self._expired()
+        if not expired:
+            return 0
+        workloads = [w for w in await self.runner.list() if w.state is WorkloadState.RUNNING]
+        if not workloads:
+            return 0
+        expired, hb, why = self._expired()  # a fresh heartbeat may have come meanwhile
+        if not expired:
+            return 0
+        deadline = hb.deadline if hb is not None else None
+
+        async def stop(atsign: str) -> bool:
+            try:
+                return await self.runner.stop(atsign, timeout=self.kill_grace)
+            except Exception as exc:
+                log.error("fence: could not stop %s: %r", atsign, exc)
+                return False
+
+        started = self.clock()
+        results = await asyncio.gather(*(stop(w.atsign) for w in workloads))
+        done = self.clock()
+        for w, ok in zip(workloads, results, strict=True):
+            self._record(
+                {
+                    "event": "fenced" if ok else "fence-failed",
+                    "node": w.node,
+                    "atsign": w.atsign,
+                    "fencing_token": w.fencing_token,
+                    "reason": why,
+                    "wall": time.time(),
+                    "mono": done,
+                    "deadline": deadline,
+                    "stop_seconds": round(done - started, 3),
+                }
+            )
+            log.warning("fence: stopped %s (token %s): %s", w.atsign, w.fencing_token, why)
+        return sum(results)
+
+    def supervisor_alive(self) -> bool:
+        return _process_alive(self.supervisor_pid, self._sup_create)
+
+    async def run(self) -> None:
+        """Poll until the supervisor is gone (or stopped cleanly) and nothing runs."""
+        while True:
+            try:
+                await self.check_once()
+            except Exception as exc:  # keep fencing whatever happens
+                log.error("fence: check failed: %r", exc)
+            hb = read_heartbeat(self.heartbeat_path)
+            if hb is not None and hb.pid != self.supervisor_pid and self.clock() < hb.deadline:
+                log.info("fence: supervisor %s took over the heartbeat: exiting", hb.pid)
+                return
+            clean = hb is not None and hb.state == "stopped" and hb.pid == self.supervisor_pid
+            if clean or not self.supervisor_alive():
+                with contextlib.suppress(Exception):
+                    running = [
+                        w for w in await self.runner.list() if w.state is WorkloadState.RUNNING
+                    ]
+                    if not running:
+                        log.info(
+                            "fence: supervisor %s gone, nothing runs: exiting", self.supervisor_pid
+                        )
+                        return
+            await asyncio.sleep(self.poll_interval)

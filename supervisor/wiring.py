@@ -1,0 +1,82 @@
+"""Build the real DCS backend, runner and registrar a config names (imports are lazy)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from atserver_runner.base import Runner
+from leases.base import Backend, Clock
+from supervisor.config import SupervisorConfig
+from supervisor.registration import Registrar
+from supervisor.timing import build_timing
+
+
+def build_backend(cfg: SupervisorConfig, clock: Clock = time.monotonic) -> Backend:
+    """The configured DCS backend (etcd or Consul), with the node's request timeout."""
+    timing = build_timing(cfg)
+    if cfg.dcs.backend == "etcd":
+        from leases.etcd import EtcdBackend
+
+        etcd = cfg.dcs.etcd
+        assert etcd is not None  # validated at load
+        tls = etcd.tls
+        return EtcdBackend(
+            etcd.endpoints,
+            cfg.dcs.prefix,
+            request_timeout=timing.request_timeout,
+            ca_cert=tls.ca if tls else None,
+            cert_cert=tls.cert if tls else None,
+            cert_key=tls.key if tls else None,
+            username=etcd.username,
+            password=etcd.password,
+            clock=clock,
+        )
+    from leases.consul import ConsulBackend  # type: ignore[import-not-found,unused-ignore]
+
+    dcs = cfg.dcs.consul
+    backend: Backend = ConsulBackend(
+        cfg.dcs_consul_url,
+        cfg.dcs.prefix,
+        token=(dcs.token if dcs and dcs.token else cfg.consul.token),
+        request_timeout=timing.request_timeout,
+        lock_delay=dcs.lock_delay if dcs else 15.0,
+        clock=clock,
+    )
+    return backend
+
+
+def build_runner(cfg: SupervisorConfig) -> Runner:
+    """The configured runner (process or docker) for this node."""
+    r = cfg.runner
+    if r.kind == "process":
+        from atserver_runner.process import (  # type: ignore[import-not-found,unused-ignore]
+            ProcessRunner,
+        )
+
+        kwargs: dict[str, Any] = {}
+        if r.tls is not None and r.tls.ca is not None:
+            kwargs["ca_file"] = r.tls.ca
+        runner: Runner = ProcessRunner(cfg.node.name, r.state_dir / "workloads", **kwargs)
+        return runner
+    import docker
+    from atserver_runner.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
+
+    client = docker.DockerClient(base_url=r.docker_url) if r.docker_url else docker.from_env()
+    docker_runner: Runner = DockerRunner(cfg.node.name, client, image=r.image)
+    return docker_runner
+
+
+def build_registrar(cfg: SupervisorConfig) -> Registrar:
+    """The registrar on this node's Consul agent; check TTLs follow the timing table."""
+    timing = build_timing(cfg)
+    return Registrar(
+        cfg.consul.url,
+        node=cfg.node.name,
+        token=cfg.consul.token,
+        service_name=cfg.consul.service_name,
+        probe_ttl=max(3 * cfg.timing.probe_interval, 1.0),
+        alive_ttl=max(timing.renew_deadline, 1.0),
+        deregister_critical_after=cfg.consul.deregister_critical_after,
+        request_timeout=cfg.consul.request_timeout,
+    )
