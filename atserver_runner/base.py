@@ -66,6 +66,8 @@ class Workload:
     """Container id, or ``pid:<pid>`` for the process runner."""
     started_at: float = 0.0
     """Wall-clock start time (epoch seconds) as the runtime reports it."""
+    exit_code: int | None = None
+    """For a STOPPED workload, its exit status when the runtime knows it."""
 
 
 @dataclass(frozen=True)

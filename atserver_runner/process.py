@@ -1,0 +1,277 @@
+"""Run atServers as plain processes: for hosts without Docker and for large local tests.
+
+Each workload runs in its own session and process group (``start_new_session``), so it
+outlives the supervisor that started it and a stop signals exactly its group. Its output
+goes to ``<state_dir>/logs/<atsign>.log``; ``<state_dir>/<atsign>.json`` records the PID
+together with the process's create time, so :meth:`ProcessRunner.list` finds workloads
+again after a supervisor restart and never mistakes a recycled PID for one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from atserver_runner.base import ProbeResult, RunnerError, Workload, WorkloadSpec, WorkloadState
+from atserver_runner.probe import probe_atserver, probe_ssl_context
+
+CREATE_TIME_TOLERANCE_S = 0.05
+
+
+def safe_name(atsign: str) -> str:
+    """A file/container-name-safe form of an atSign (``@alice`` -> ``alice``)."""
+    bare = atsign.lstrip("@")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", bare)
+    if safe != bare or not safe:
+        safe = f"{safe}-{hashlib.sha256(bare.encode()).hexdigest()[:8]}"
+    return safe
+
+
+@dataclass(frozen=True)
+class _PidRecord:
+    atsign: str
+    node: str
+    pid: int
+    create_time: float
+    fencing_token: int
+    host: str
+    port: int
+    argv: list[str]
+
+    @classmethod
+    def load(cls, path: Path) -> _PidRecord:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return cls(
+            atsign=str(raw["atsign"]),
+            node=str(raw["node"]),
+            pid=int(raw["pid"]),
+            create_time=float(raw["create_time"]),
+            fencing_token=int(raw["fencing_token"]),
+            host=str(raw["host"]),
+            port=int(raw["port"]),
+            argv=[str(a) for a in raw.get("argv", [])],
+        )
+
+
+class ProcessRunner:
+    """Starts, stops, finds and probes atServer processes of one node.
+
+    ``state_dir`` must be private to this node (two nodes never share it).
+    ``probe_ca``: verify probes against this CA; by default probes skip certificate checks
+    (a local liveness check, not an identity check).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        state_dir: Path,
+        *,
+        probe_ca: Path | None = None,
+        inherit_env: bool = True,
+    ) -> None:
+        self.node = node
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.inherit_env = inherit_env
+        self._probe_ssl: ssl.SSLContext = probe_ssl_context(probe_ca)
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def pid_file(self, atsign: str) -> Path:
+        return self.state_dir / f"{safe_name(atsign)}.json"
+
+    def log_file(self, atsign: str) -> Path:
+        return self.log_dir / f"{safe_name(atsign)}.log"
+
+    # --- finding -----------------------------------------------------------------------------
+
+    def _alive(self, rec: _PidRecord) -> bool:
+        """The recorded process is running, is the one we started, and is not a zombie."""
+        child = self._children.get(rec.pid)
+        if child is not None and child.poll() is not None:
+            return False
+        try:
+            proc = psutil.Process(rec.pid)
+            if abs(proc.create_time() - rec.create_time) > CREATE_TIME_TOLERANCE_S:
+                return False  # the PID was recycled by an unrelated process
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    def _workload(self, rec: _PidRecord) -> Workload:
+        alive = self._alive(rec)
+        child = self._children.get(rec.pid)
+        return Workload(
+            atsign=rec.atsign,
+            node=rec.node,
+            fencing_token=rec.fencing_token,
+            host=rec.host,
+            port=rec.port,
+            state=WorkloadState.RUNNING if alive else WorkloadState.STOPPED,
+            ident=f"pid:{rec.pid}",
+            started_at=rec.create_time,
+            exit_code=None if alive or child is None else child.poll(),
+        )
+
+    def _read(self, atsign: str) -> _PidRecord | None:
+        path = self.pid_file(atsign)
+        try:
+            return _PidRecord.load(path)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunnerError(f"{atsign}: unreadable pid file {path}: {exc}") from exc
+
+    def _list_sync(self) -> list[Workload]:
+        out: list[Workload] = []
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                rec = _PidRecord.load(path)
+            except (ValueError, KeyError, TypeError, FileNotFoundError):
+                continue  # not ours, or removed meanwhile
+            if rec.node == self.node:
+                out.append(self._workload(rec))
+        return out
+
+    async def list(self) -> list[Workload]:
+        """Every workload with a pid file, RUNNING or STOPPED (exited, not yet stopped)."""
+        return await asyncio.to_thread(self._list_sync)
+
+    # --- starting ----------------------------------------------------------------------------
+
+    def _start_sync(self, spec: WorkloadSpec) -> Workload:
+        rec = self._read(spec.atsign)
+        if rec is not None and self._alive(rec):
+            if rec.fencing_token == spec.fencing_token:
+                return self._workload(rec)
+            raise RunnerError(
+                f"{spec.atsign}: already running on node {self.node} with fencing token "
+                f"{rec.fencing_token} (pid {rec.pid}); stop it before starting token "
+                f"{spec.fencing_token}"
+            )
+        if not spec.command:
+            raise RunnerError(
+                f"{spec.atsign}: WorkloadSpec.command is empty; ProcessRunner needs an argv"
+            )
+        spec.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **spec.env} if self.inherit_env else dict(spec.env)
+        log_path = self.log_file(spec.atsign)
+        with open(log_path, "ab") as log:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            log.write(f"=== {stamp} start {spec.atsign} token {spec.fencing_token} ===\n".encode())
+            log.flush()
+            try:
+                child = subprocess.Popen(
+                    list(spec.command),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise RunnerError(f"{spec.atsign}: cannot run {spec.command[0]!r}: {exc}") from exc
+        self._children[child.pid] = child
+        try:
+            create_time = psutil.Process(child.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = time.time()  # exited already; list() shows it STOPPED
+        rec = _PidRecord(
+            atsign=spec.atsign,
+            node=self.node,
+            pid=child.pid,
+            create_time=create_time,
+            fencing_token=spec.fencing_token,
+            host=spec.host,
+            port=spec.port,
+            argv=list(spec.command),
+        )
+        _write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
+        return self._workload(rec)
+
+    async def start(self, spec: WorkloadSpec) -> Workload:
+        """Start the process (or return the running one with the same token)."""
+        return await asyncio.to_thread(self._start_sync, spec)
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    def _signal_group(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+
+    def _wait_gone(self, rec: _PidRecord, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        child = self._children.get(rec.pid)
+        while time.monotonic() < deadline:
+            if child is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            if not self._alive(rec):
+                return True
+            if child is None:
+                time.sleep(0.02)
+        return not self._alive(rec)
+
+    def _stop_sync(self, atsign: str, timeout: float) -> bool:
+        rec = self._read(atsign)
+        if rec is None:
+            return False
+        stopped = False
+        if self._alive(rec):
+            self._signal_group(rec.pid, signal.SIGCONT)  # in case it is frozen
+            self._signal_group(rec.pid, signal.SIGTERM)
+            if not self._wait_gone(rec, timeout):
+                self._signal_group(rec.pid, signal.SIGKILL)
+                if not self._wait_gone(rec, 10.0):
+                    raise RunnerError(f"{atsign}: pid {rec.pid} survived SIGKILL for 10 s")
+            stopped = True
+        child = self._children.pop(rec.pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file(atsign).unlink()
+        return stopped
+
+    async def stop(self, atsign: str, timeout: float = 10.0) -> bool:
+        """SIGTERM the process group, SIGKILL after ``timeout``; forget it.
+
+        ``False`` if nothing was running (a stale pid file is removed all the same)."""
+        return await asyncio.to_thread(self._stop_sync, atsign, timeout)
+
+    # --- probing -----------------------------------------------------------------------------
+
+    async def probe(self, atsign: str, timeout: float = 2.0) -> ProbeResult:
+        rec = await asyncio.to_thread(self._read, atsign)
+        if rec is None:
+            return ProbeResult(False, f"{atsign}: no workload on node {self.node}")
+        return await probe_atserver(
+            rec.host, rec.port, timeout=timeout, ssl_context=self._probe_ssl, expect_atsign=atsign
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
