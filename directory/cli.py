@@ -64,6 +64,15 @@ def serve(
         float | None, typer.Option(help="Client must read within s [10]")
     ] = None,
     consul_wait: Annotated[float | None, typer.Option(help="Blocking query wait s [30]")] = None,
+    consul_connect_timeout: Annotated[
+        float | None, typer.Option(help="Consul connect timeout s [3]")
+    ] = None,
+    consul_backoff_max: Annotated[
+        float | None, typer.Option(help="Longest pause between Consul retries s [5]")
+    ] = None,
+    consul_stale: Annotated[
+        bool | None, typer.Option(help="Let any Consul server answer [no]")
+    ] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json [text]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
     config: Annotated[
@@ -77,6 +86,8 @@ def serve(
         "max_line_bytes": max_line_bytes, "idle_timeout": idle_timeout,
         "max_connections": max_connections, "handshake_timeout": handshake_timeout,
         "write_timeout": write_timeout, "consul_wait": consul_wait,
+        "consul_connect_timeout": consul_connect_timeout,
+        "consul_backoff_max": consul_backoff_max, "consul_stale": consul_stale,
         "log_format": log_format, "log_level": log_level,
     }  # fmt: skip
     try:

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import re
+import socket
+import ssl
 import sys
 import threading
 import urllib.request
@@ -247,3 +249,47 @@ def atsdk_root(test_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any
     finally:
         for r in made:
             r.close()
+
+
+def client_context(test_ca: TestCA) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(test_ca.cert_path))
+
+
+class TlsLineClient:
+    """A plain blocking TLS client of the line protocol, every wait bounded by ``timeout``."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 5.0) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.buf = b""
+        assert self.read_until(b"@") == b"@"
+
+    def read_until(self, end: bytes) -> bytes:
+        while end not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed by server; got {self.buf!r}")
+            self.buf += chunk
+        i = self.buf.index(end) + len(end)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def read_to_eof(self) -> bytes:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+        out, self.buf = self.buf, b""
+        return out
+
+    def ask(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\n")
+        return self.read_until(b"\r\n@")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,232 @@
+"""Bad input and bad clients: no crash, bounded memory, other clients unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from testbed.tls import TestCA
+from tests.integration.directory.conftest import (
+    Registrar,
+    TlsLineClient,
+    atsign_base,
+    client_context,
+)
+from tests.integration.directory.test_directory_lookup import wait_for_answer
+
+MAX_LINE = 256
+REPLY = re.compile(rb"(null|[^\r\n:]+:\d+|error:AT0003-Invalid syntax : [^\r\n]*)\r\n@")
+TOO_LONG = f"error:AT0003-Invalid syntax : line longer than {MAX_LINE} bytes\r\n".encode()
+
+lines = st.lists(
+    st.one_of(
+        st.binary(max_size=MAX_LINE + 40),
+        st.text(max_size=60).map(str.encode),
+        st.sampled_from([b"@", b"", b"@@", b"\r", b"@EXIT", b" @exit ", b"\xff\xfe", b"a b"]),
+    ).map(lambda b: b.replace(b"\n", b"")),
+    min_size=1,
+    max_size=6,
+)
+
+
+def expected_replies(sent: list[bytes]) -> tuple[int, bool]:
+    """How many replies end in a prompt, and whether the last words are TOO_LONG."""
+    count = 0
+    for line in sent:
+        if len(line) > MAX_LINE:
+            return count, True
+        if line.strip().lower() == b"@exit":
+            return count, False
+        count += 1
+    return count, False
+
+
+@pytest.fixture
+def fuzz_target(registrar: Registrar, start_directory: Any, key_prefix: str) -> Any:
+    base = atsign_base(key_prefix)
+    registrar.register(f"@{base}", 7801, 1)
+    directory = start_directory(
+        "--max-line-bytes", str(MAX_LINE), "--idle-timeout", "3", "--write-timeout", "1",
+        "--handshake-timeout", "1", "--max-connections", "2000",
+    )  # fmt: skip
+    directory.atsign = f"@{base}"
+    return directory
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(sent=lines)
+def test_fuzzed_lines(fuzz_target: Any, test_ca: TestCA, sent: list[bytes]) -> None:
+    ctx = client_context(test_ca)
+    client = TlsLineClient(fuzz_target.port, ctx)
+    try:
+        client.sock.sendall(b"".join(line + b"\n" for line in sent) + b"@exit\n")
+        stream = client.read_to_eof()
+    finally:
+        client.close()
+    count, too_long = expected_replies(sent)
+    replies = REPLY.findall(stream)
+    assert len(replies) == count, (sent, stream)
+    rest = REPLY.sub(b"", stream)
+    assert rest == (TOO_LONG if too_long else b""), (sent, stream)
+    assert fuzz_target.process.running()
+
+
+def test_bad_clients_do_not_affect_others(
+    fuzz_target: Any, test_ca: TestCA, atsdk_root: Any
+) -> None:
+    ctx = client_context(test_ca)
+    root = atsdk_root(fuzz_target.port)
+    target = "127.0.0.1:7801"
+    wait_for_answer(root, fuzz_target.atsign, target, 5)
+    rss_before = fuzz_target.rss()
+    bad: list[socket.socket] = []
+    try:
+        # Random bytes instead of TLS, and half-open TLS (TCP only, or a partial hello).
+        for i in range(20):
+            s = socket.create_connection(("127.0.0.1", fuzz_target.port), timeout=5)
+            if i % 2:
+                s.sendall(bytes(range(256)) * 4)
+            else:
+                s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            bad.append(s)
+        # A slow client: one byte every 50 ms of a valid question.
+        slow = TlsLineClient(fuzz_target.port, ctx)
+        # A client that never reads its answers (its socket buffers fill up).
+        hog_raw = socket.create_connection(("127.0.0.1", fuzz_target.port), timeout=5)
+        hog_raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog = ctx.wrap_socket(hog_raw, server_hostname="127.0.0.1")
+        hog.setblocking(False)
+        question = fuzz_target.atsign.encode() + b"\n"
+        sent = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sent < 5_000_000:
+            try:
+                sent += hog.send(question * 2000)
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                time.sleep(0.01)
+            except (ConnectionError, ssl.SSLError):
+                break  # the server dropped the hog: what we want
+            # Meanwhile the well-behaved client is answered promptly.
+            t0 = time.monotonic()
+            assert root.find(fuzz_target.atsign) == target
+            assert time.monotonic() - t0 < 1.0
+        for ch in question:
+            slow.sock.sendall(bytes([ch]))
+            assert root.find(fuzz_target.atsign) == target
+            time.sleep(0.05)
+        assert slow.read_until(b"\r\n@") == target.encode() + b"\r\n@"
+        slow.close()
+        hog.close()
+        # The handshake timeout (1 s) closed the half-open and garbage connections.
+        for s in bad:
+            s.settimeout(5)
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionError:
+                pass
+        m = fuzz_target.metrics()
+        assert m["atdirectory_disconnects_total{cause=write_timeout}"] >= 1
+        assert root.find(fuzz_target.atsign) == target
+        assert fuzz_target.rss() - rss_before < 50 * 1024 * 1024
+    finally:
+        for s in bad:
+            s.close()
+
+
+def test_idle_client_is_closed_but_atsdk_style_clients_keep_working(
+    fuzz_target: Any, test_ca: TestCA
+) -> None:
+    idle = TlsLineClient(fuzz_target.port, client_context(test_ca))
+    t0 = time.monotonic()
+    assert idle.read_to_eof() == b""
+    assert 2.5 < time.monotonic() - t0 < 10  # --idle-timeout 3
+    idle.close()
+    assert fuzz_target.metrics()["atdirectory_disconnects_total{cause=idle_timeout}"] >= 1
+
+
+async def test_thousand_concurrent_connections(
+    fuzz_target: Any, test_ca: TestCA, atsdk_root: Any
+) -> None:
+    ctx = client_context(test_ca)
+    root = atsdk_root(fuzz_target.port)
+    target = "127.0.0.1:7801"
+    await asyncio.to_thread(wait_for_answer, root, fuzz_target.atsign, target, 5)
+    rss_before = fuzz_target.rss()
+    go = asyncio.Event()
+    question = fuzz_target.atsign.upper().encode() + b"\n"
+    all_open = asyncio.Event()
+    opened = 0
+    sem = asyncio.Semaphore(100)  # bound the handshakes in flight, not the connections
+
+    async def one() -> tuple[bytes, asyncio.StreamWriter]:
+        nonlocal opened
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", fuzz_target.port, ssl=ctx)
+            assert await reader.readexactly(1) == b"@"
+        opened += 1
+        if opened == 1000:
+            all_open.set()
+        await go.wait()
+        writer.write(question)
+        return await reader.readuntil(b"\r\n@"), writer
+
+    async with asyncio.timeout(120):
+        tasks = [asyncio.create_task(one()) for _ in range(1000)]
+        await all_open.wait()
+        m = await asyncio.to_thread(fuzz_target.metrics)
+        assert m["atdirectory_connections_open"] == 1000
+        # All 1,000 are open; another client still gets its answer at once.
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(root.find, fuzz_target.atsign) == target
+        assert time.monotonic() - t0 < 1.0
+        go.set()
+        results = await asyncio.gather(*tasks)
+    assert {answer for answer, _ in results} == {target.encode() + b"\r\n@"}
+    rss_peak = fuzz_target.rss()
+    for _, writer in results:
+        writer.close()
+    m = fuzz_target.metrics()
+    assert m["atdirectory_connections_rejected_total"] == 0
+    # Measured ~63 KiB per TLS connection (32 KiB of it asyncio's read buffer).
+    assert rss_peak - rss_before < 1000 * 100 * 1024, (rss_before, rss_peak)
+    print(f"RSS for 1,000 open connections: +{(rss_peak - rss_before) / 1e6:.1f} MB")
+    assert fuzz_target.process.running()
+
+
+def test_connection_limit_turns_away_extra_clients_only(
+    registrar: Registrar, start_directory: Any, test_ca: TestCA, key_prefix: str
+) -> None:
+    base = atsign_base(key_prefix)
+    registrar.register(f"@{base}", 7901, 1)
+    directory = start_directory("--max-connections", "5")
+    ctx = client_context(test_ca)
+    deadline = time.monotonic() + 5
+    first = TlsLineClient(directory.port, ctx)
+    while first.ask(f"@{base}".encode()) != b"127.0.0.1:7901\r\n@":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    held = [first] + [TlsLineClient(directory.port, ctx) for _ in range(4)]
+    raw = socket.create_connection(("127.0.0.1", directory.port), timeout=5)
+    extra = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    got = b""
+    while chunk := extra.recv(4096):
+        got += chunk
+    extra.close()
+    assert got == b"error:AT0012-Inbound connection limit exceeded\r\n"
+    for c in held:
+        assert c.ask(f"{base}".encode()) == b"127.0.0.1:7901\r\n@"
+        c.close()
+    assert directory.metrics()["atdirectory_connections_rejected_total"] == 1
