@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -181,7 +182,25 @@ class Supervisor:
             "cert": str(r.tls.cert) if r.tls and r.tls.cert else "",
             "key": str(r.tls.key) if r.tls and r.tls.key else "",
         }
-        command = [part.format(**subst) for part in r.command]
+        if r.command:
+            command = [part.format(**subst) for part in r.command]
+        elif r.kind == "process":
+            from atserver_runner import devserver
+
+            if r.tls is None or r.tls.cert is None or r.tls.key is None:
+                raise RuntimeError("runner.tls.cert/key are needed to run the dev atServer")
+            command = devserver.argv(
+                python=sys.executable,
+                atsign=atsign,
+                host=self.cfg.node.address,
+                port=port,
+                data_dir=data_dir,
+                fencing_token=token,
+                cert=r.tls.cert,
+                key=r.tls.key,
+            )
+        else:
+            command = []
         return WorkloadSpec(
             atsign=atsign,
             node=self.cfg.node.name,

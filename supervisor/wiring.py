@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from atserver_runner.base import Runner
 from leases.base import Backend, Clock
@@ -32,10 +31,10 @@ def build_backend(cfg: SupervisorConfig, clock: Clock = time.monotonic) -> Backe
             password=etcd.password,
             clock=clock,
         )
-    from leases.consul import ConsulBackend  # type: ignore[import-not-found,unused-ignore]
+    from leases.consul import ConsulBackend
 
     dcs = cfg.dcs.consul
-    backend: Backend = ConsulBackend(
+    return ConsulBackend(
         cfg.dcs_consul_url,
         cfg.dcs.prefix,
         token=(dcs.token if dcs and dcs.token else cfg.consul.token),
@@ -43,28 +42,32 @@ def build_backend(cfg: SupervisorConfig, clock: Clock = time.monotonic) -> Backe
         lock_delay=dcs.lock_delay if dcs else 15.0,
         clock=clock,
     )
-    return backend
 
 
 def build_runner(cfg: SupervisorConfig) -> Runner:
     """The configured runner (process or docker) for this node."""
     r = cfg.runner
     if r.kind == "process":
-        from atserver_runner.process import (  # type: ignore[import-not-found,unused-ignore]
-            ProcessRunner,
-        )
+        from atserver_runner.process import ProcessRunner
 
-        kwargs: dict[str, Any] = {}
-        if r.tls is not None and r.tls.ca is not None:
-            kwargs["ca_file"] = r.tls.ca
-        runner: Runner = ProcessRunner(cfg.node.name, r.state_dir / "workloads", **kwargs)
-        return runner
+        probe_ca = r.tls.ca if r.tls is not None else None
+        return ProcessRunner(cfg.node.name, r.state_dir / "workloads", probe_ca=probe_ca)
     import docker
-    from atserver_runner.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
+
+    from atserver_runner.docker import DockerRunner
 
     client = docker.DockerClient(base_url=r.docker_url) if r.docker_url else docker.from_env()
-    docker_runner: Runner = DockerRunner(cfg.node.name, client, image=r.image)
-    return docker_runner
+    assert r.image is not None  # validated at load
+    tls = r.tls
+    return DockerRunner(
+        cfg.node.name,
+        client,
+        image=r.image,
+        publish_host=cfg.node.address,
+        tls_cert=tls.cert if tls else None,
+        tls_key=tls.key if tls else None,
+        probe_ca=tls.ca if tls else None,
+    )
 
 
 def build_registrar(cfg: SupervisorConfig) -> Registrar:
