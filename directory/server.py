@@ -95,6 +95,7 @@ class DirectoryServer:
         self.limits = limits or ServerLimits()
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         metrics.bind_connections(lambda: len(self._open))
 
     @property
@@ -134,12 +135,32 @@ class DirectoryServer:
         self._server.close()
         for writer in list(self._open):
             writer.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.limits.close_timeout + 1.0):
-                await self._server.wait_closed()
+        # Python 3.11's Server.wait_closed() does not wait for handlers; wait for them here
+        # so none is still running (and then cancelled) when the event loop shuts down.
+        pending = set(self._handlers)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.limits.close_timeout + 1.0)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
         self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            # Only stop() cancels handlers. Not re-raised: asyncio 3.11's stream callback
+            # calls task.exception() on the finished task, which raises for a cancelled one.
+            writer.transport.abort()
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         metrics = self._metrics
         if len(self._open) >= self.limits.max_connections:
             metrics.connections_rejected.inc()
@@ -149,7 +170,7 @@ class DirectoryServer:
         metrics.connections.inc()
         self._open.add(writer)
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        cause = "error"
+        cause = "server_stopped"
         try:
             cause = await self._serve(reader, writer)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
@@ -159,7 +180,8 @@ class DirectoryServer:
             self._open.discard(writer)
             metrics.disconnects.labels(cause).inc()
             # A client that stopped reading gets no graceful TLS close: drop it now.
-            await self._close(writer, abort=cause in ("write_timeout", "connection_error"))
+            abort = cause in ("write_timeout", "connection_error", "server_stopped")
+            await self._close(writer, abort=abort)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """Answer lines until the client leaves; returns why the connection ended."""

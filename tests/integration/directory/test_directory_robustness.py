@@ -157,53 +157,163 @@ def test_idle_client_is_closed_but_atsdk_style_clients_keep_working(
     assert fuzz_target.metrics()["atdirectory_disconnects_total{cause=idle_timeout}"] >= 1
 
 
-async def test_thousand_concurrent_connections(
-    fuzz_target: Any, test_ca: TestCA, atsdk_root: Any
+async def poll_metric(directory: Any, name: str, want: float, within: float) -> float:
+    """Wait (bounded) until metric ``name`` equals ``want``; returns its last value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = (await asyncio.to_thread(directory.metrics)).get(name, -1.0)
+        if value == want or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+async def test_thousand_concurrent_connections_within_the_limit(
+    registrar: Registrar,
+    start_directory: Any,
+    test_ca: TestCA,
+    atsdk_root: Any,
+    key_prefix: str,
 ) -> None:
+    """1,000 open connections (the configured maximum) are all served; extra ones are told
+    so and closed, the open ones and a waiting atsdk client are unaffected, memory bounded."""
+    limit, extra = 1000, 50
+    base = atsign_base(key_prefix)
+    registrar.register(f"@{base}", 7811, 1)
+    directory = start_directory("--max-connections", str(limit), "--handshake-timeout", "5")
     ctx = client_context(test_ca)
-    root = atsdk_root(fuzz_target.port)
-    target = "127.0.0.1:7801"
-    await asyncio.to_thread(wait_for_answer, root, fuzz_target.atsign, target, 5)
-    rss_before = fuzz_target.rss()
-    go = asyncio.Event()
-    question = fuzz_target.atsign.upper().encode() + b"\n"
-    all_open = asyncio.Event()
-    opened = 0
+    root = atsdk_root(directory.port)  # connection 1 of 1,000
+    target = "127.0.0.1:7811"
+    await asyncio.to_thread(wait_for_answer, root, f"@{base}", target, 5)
+    rss_before = directory.rss()
+    question = f"@{base}".upper().encode() + b"\n"
     sem = asyncio.Semaphore(100)  # bound the handshakes in flight, not the connections
 
-    async def one() -> tuple[bytes, asyncio.StreamWriter]:
-        nonlocal opened
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with sem:
-            reader, writer = await asyncio.open_connection("127.0.0.1", fuzz_target.port, ssl=ctx)
+            reader, writer = await asyncio.open_connection("127.0.0.1", directory.port, ssl=ctx)
             assert await reader.readexactly(1) == b"@"
-        opened += 1
-        if opened == 1000:
-            all_open.set()
-        await go.wait()
-        writer.write(question)
-        return await reader.readuntil(b"\r\n@"), writer
+        return reader, writer
 
-    async with asyncio.timeout(120):
-        tasks = [asyncio.create_task(one()) for _ in range(1000)]
-        await all_open.wait()
-        m = await asyncio.to_thread(fuzz_target.metrics)
-        assert m["atdirectory_connections_open"] == 1000
-        # All 1,000 are open; another client still gets its answer at once.
-        t0 = time.monotonic()
-        assert await asyncio.to_thread(root.find, fuzz_target.atsign) == target
-        assert time.monotonic() - t0 < 1.0
-        go.set()
-        results = await asyncio.gather(*tasks)
-    assert {answer for answer, _ in results} == {target.encode() + b"\r\n@"}
-    rss_peak = fuzz_target.rss()
-    for _, writer in results:
-        writer.close()
-    m = fuzz_target.metrics()
-    assert m["atdirectory_connections_rejected_total"] == 0
+    async def turned_away() -> bytes:
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", directory.port, ssl=ctx)
+        try:
+            return await reader.read()  # everything until the server closes
+        finally:
+            writer.close()
+
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(question)
+        return await reader.readuntil(b"\r\n@")
+
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        async with asyncio.timeout(120):
+            conns = list(await asyncio.gather(*(connect() for _ in range(limit - 1))))
+            opened = await poll_metric(directory, "atdirectory_connections_open", limit, 10)
+            assert opened == limit
+            refusals = await asyncio.gather(*(turned_away() for _ in range(extra)))
+            assert set(refusals) == {b"error:AT0012-Inbound connection limit exceeded\r\n"}
+            # At the limit, the clients already connected are answered at once.
+            t0 = time.monotonic()
+            assert await asyncio.to_thread(root.find, f"@{base}") == target
+            assert time.monotonic() - t0 < 1.0
+            answers = await asyncio.gather(*(ask(r, w) for r, w in conns))
+            assert set(answers) == {target.encode() + b"\r\n@"}
+            rss_peak = directory.rss()
+    finally:
+        for _, writer in conns:
+            writer.close()
+    m = directory.metrics()
+    assert m["atdirectory_connections_rejected_total"] == extra
+    # Closed connections free their slots: a new client is served again.
+    assert await poll_metric(directory, "atdirectory_connections_open", 1, 10) == 1
+    late = await asyncio.to_thread(TlsLineClient, directory.port, ctx)
+    assert await asyncio.to_thread(late.ask, base.encode()) == target.encode() + b"\r\n@"
+    late.close()
     # Measured ~63 KiB per TLS connection (32 KiB of it asyncio's read buffer).
-    assert rss_peak - rss_before < 1000 * 100 * 1024, (rss_before, rss_peak)
-    print(f"RSS for 1,000 open connections: +{(rss_peak - rss_before) / 1e6:.1f} MB")
+    assert rss_peak - rss_before < limit * 100 * 1024, (rss_before, rss_peak)
+    print(f"RSS for {limit} open connections: +{(rss_peak - rss_before) / 1e6:.1f} MB")
+    assert directory.process.running()
+
+
+async def test_half_open_tls_is_closed_by_the_handshake_timeout(
+    fuzz_target: Any, test_ca: TestCA
+) -> None:
+    """Clients that connect and never finish the TLS handshake are dropped after
+    ``--handshake-timeout`` (1 s here); meanwhile other clients are answered at once."""
+    good = await asyncio.to_thread(TlsLineClient, fuzz_target.port, client_context(test_ca))
+    reply = (await asyncio.to_thread(good.ask, fuzz_target.atsign.encode())).decode()
+    assert reply == "127.0.0.1:7801\r\n@"
+
+    async def half_open(i: int) -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", fuzz_target.port)
+        t0 = time.monotonic()
+        if i % 2:  # the first bytes of a ClientHello, then silence
+            writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        try:
+            assert await reader.read() == b""  # closed by the server, nothing sent
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - t0
+
+    async with asyncio.timeout(30):
+        waits = asyncio.gather(*(half_open(i) for i in range(200)))
+        for _ in range(10):
+            t0 = time.monotonic()
+            answer = await asyncio.to_thread(good.ask, fuzz_target.atsign.encode())
+            assert answer.decode() == reply
+            assert time.monotonic() - t0 < 1.0
+            await asyncio.sleep(0.05)
+        closed_after = await waits
+    good.close()
+    # Closed by the handshake timeout (1 s): not before it, and not much later.
+    assert min(closed_after) > 0.9 and max(closed_after) < 5.0, (
+        min(closed_after),
+        max(closed_after),
+    )
+    # Half-open connections never took a connection slot.
+    assert (await asyncio.to_thread(fuzz_target.metrics))["atdirectory_connections_total"] <= 2
     assert fuzz_target.process.running()
+
+
+async def test_slow_clients_are_answered_and_do_not_delay_others(
+    fuzz_target: Any, test_ca: TestCA
+) -> None:
+    """50 clients that type their question one byte every 50 ms all get their answer;
+    a normal client is answered promptly throughout."""
+    ctx = client_context(test_ca)
+    question = fuzz_target.atsign.encode() + b"\r\n"
+    expected = b"127.0.0.1:7801\r\n@"
+
+    async def slow() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", fuzz_target.port, ssl=ctx)
+        try:
+            assert await reader.readexactly(1) == b"@"
+            for ch in question:
+                writer.write(bytes([ch]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            return await reader.readuntil(b"\r\n@")
+        finally:
+            writer.close()
+
+    good_reader, good_writer = await asyncio.open_connection("127.0.0.1", fuzz_target.port, ssl=ctx)
+    assert await good_reader.readexactly(1) == b"@"
+    async with asyncio.timeout(60):
+        slow_answers = asyncio.gather(*(slow() for _ in range(50)))
+        worst = 0.0
+        while not slow_answers.done():
+            t0 = time.monotonic()
+            good_writer.write(question)
+            assert await good_reader.readuntil(b"\r\n@") == expected
+            worst = max(worst, time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+        assert set(await slow_answers) == {expected}
+    good_writer.close()
+    assert worst < 1.0
 
 
 def test_connection_limit_turns_away_extra_clients_only(
