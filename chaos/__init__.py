@@ -1,0 +1,1 @@
+"""Chaos testing of the failover layer: a local cluster, faults, a workload, a checker."""

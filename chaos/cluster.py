@@ -1,0 +1,557 @@
+"""A local multi-node cluster: etcd (3 members) or Consul, a Consul agent, a directory, and
+N ``supervisor run`` nodes over two clouds serving M atSigns.
+
+Everything runs as child processes on loopback, each started and stopped by its PID
+(:class:`testbed.process.ManagedProcess`, own process group). The nodes share one data
+root, so an atSign's data directory (with its fence file) follows the claim from node to
+node, as shared storage would in production.
+
+Usage::
+
+    with Cluster(ClusterSpec(base_dir=Path("/tmp/c"), backend="etcd", nodes=3, atsigns=4)) as c:
+        c.wait_all_serving(timeout=60)
+        c.nodes[0].kill_supervisor()
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from testbed.consul import ConsulAgent
+from testbed.etcd import EtcdCluster, EtcdMember
+from testbed.ports import free_port
+from testbed.process import ManagedProcess, wait_until
+from testbed.tls import CertPair, TestCA
+
+Backend = Literal["etcd", "consul"]
+RunnerKind = Literal["process", "docker"]
+
+ETCD_ROLES = ("cloud-a", "cloud-b", "witness")
+CLOUDS = ("cloud-a", "cloud-b")
+DEFAULT_TTL: dict[str, float] = {"etcd": 4.0, "consul": 10.0}
+PORTS_PER_NODE = 200
+
+
+class ClusterError(Exception):
+    """A part of the cluster did not come up (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What to start. ``ttl`` defaults per backend (etcd 4 s, Consul 10 s, its minimum)."""
+
+    base_dir: Path
+    backend: Backend = "etcd"
+    nodes: int = 3
+    atsigns: int = 6
+    ttl: float | None = None
+    runner: RunnerKind = "process"
+    image: str | None = None
+    consul_lock_delay: float = 1.0
+    prefix: str = "chaos"
+    start_timeout: float = 90.0
+
+    @property
+    def effective_ttl(self) -> float:
+        return self.ttl if self.ttl is not None else DEFAULT_TTL[self.backend]
+
+
+@dataclass(frozen=True)
+class AtSignKeys:
+    """An atSign and its PKAM key pair (private key PEM file, public key base64 DER file)."""
+
+    atsign: str
+    private_key: Path
+    public_key: Path
+
+    def load_private(self) -> rsa.RSAPrivateKey:
+        key = serialization.load_pem_private_key(self.private_key.read_bytes(), None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        return key
+
+
+def _pid_alive(pid: int, create_time: float | None = None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.05:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_pid(pid: int, create_time: float | None, sig: int = signal.SIGKILL) -> bool:
+    """Signal ``pid``'s group (it leads its own) if it is still the process we mean."""
+    if not _pid_alive(pid, create_time):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    return True
+
+
+@dataclass
+class Node:
+    """One ``supervisor run`` process with its fence and workloads."""
+
+    name: str
+    cloud: str
+    config_path: Path
+    state_dir: Path
+    http_port: int
+    process: ManagedProcess
+    frozen: bool = False
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def workload_dir(self) -> Path:
+        return self.state_dir / "workloads"
+
+    @property
+    def workload_logs(self) -> Path:
+        return self.workload_dir / "logs"
+
+    @property
+    def fence_log(self) -> Path:
+        return self.state_dir / "fence.log"
+
+    def running(self) -> bool:
+        return self.process.running()
+
+    def start(self) -> None:
+        self.frozen = False
+        self.process.start()
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The node's ``/status`` JSON, or ``None`` when it does not answer."""
+        try:
+            with urllib.request.urlopen(self.api + "/status", timeout=timeout) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except (OSError, ValueError):
+            return None
+
+    def fence_pid(self) -> tuple[int, float | None] | None:
+        try:
+            pid = int((self.state_dir / "fence.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            # The pid file outlives the fence: make sure the PID was not recycled.
+            if str(self.config_path.resolve()) not in proc.cmdline():
+                return None
+            return pid, proc.create_time()
+        except psutil.Error:
+            return None
+
+    def workload_pids(self) -> dict[str, tuple[int, float]]:
+        """atSign -> (pid, create_time) from the process runner's pid files (running only)."""
+        out: dict[str, tuple[int, float]] = {}
+        for path in sorted(self.workload_dir.glob("*.json")):
+            try:
+                rec = json.loads(path.read_text())
+                pid, ct = int(rec["pid"]), float(rec["create_time"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if _pid_alive(pid, ct):
+                out[str(rec["atsign"])] = (pid, ct)
+        return out
+
+    # --- faults (each returns the wall time at which it was complete) ----------------------
+
+    def kill_supervisor(self) -> float:
+        """SIGKILL the supervisor's process group (the fence, in its own session, survives)."""
+        self.process.kill()
+        return time.time()
+
+    def kill_node(self) -> float:
+        """SIGKILL the supervisor, its fence and every workload of this node (a host crash)."""
+        fence = self.fence_pid()
+        workloads = self.workload_pids()
+        self.process.kill()
+        if fence is not None:
+            _kill_pid(*fence)
+        for pid, ct in workloads.values():
+            _kill_pid(pid, ct)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            _pid_alive(pid, ct) for pid, ct in workloads.values()
+        ):
+            time.sleep(0.02)
+        return time.time()
+
+    def freeze(self) -> float:
+        """SIGSTOP the supervisor (the fence and the workloads keep running)."""
+        self.process.freeze()
+        self.frozen = True
+        return time.time()
+
+    def thaw(self) -> float:
+        self.process.thaw()
+        self.frozen = False
+        return time.time()
+
+    def crash_workload(self, atsign: str) -> float | None:
+        """SIGKILL one workload of this node; ``None`` if it does not run here."""
+        rec = self.workload_pids().get(atsign)
+        if rec is None:
+            return None
+        _kill_pid(*rec)
+        return time.time()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the supervisor (it stops its workloads), then reap whatever is left."""
+        if self.frozen:
+            self.thaw()
+        self.process.stop(timeout=timeout)
+        self.reap()
+
+    def reap(self) -> None:
+        """Kill this node's fence and workloads if anything survived (by recorded PID)."""
+        fence = self.fence_pid()
+        if fence is not None:
+            _kill_pid(*fence)
+        for pid, ct in self.workload_pids().values():
+            _kill_pid(pid, ct)
+
+
+class Cluster:
+    """The local cluster of :class:`ClusterSpec`; a context manager that stops everything."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.base = spec.base_dir.resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.ttl = spec.effective_ttl
+        self.ca = TestCA(self.base / "ca")
+        self.cert: CertPair = self.ca.issue("localhost", ("127.0.0.1", "localhost"))
+        self.data_root = self.base / "data"
+        self.keys_dir = self.base / "keys"
+        self.atsigns: list[AtSignKeys] = []
+        self.etcd: EtcdCluster | None = None
+        self.consul = ConsulAgent(self.base / "consul", name="consul")
+        self.directory_port = free_port()
+        self.directory_metrics_port = free_port()
+        self.directory: ManagedProcess | None = None
+        self.nodes: list[Node] = []
+        self.prefix = f"{spec.prefix}-{os.getpid()}-{int(time.time())}"
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def consul_url(self) -> str:
+        return self.consul.url
+
+    @property
+    def consul_ui(self) -> str:
+        return f"{self.consul.url}/ui/"
+
+    @property
+    def directory_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.directory_port)
+
+    def etcd_role(self, member: EtcdMember) -> str:
+        assert self.etcd is not None
+        return ETCD_ROLES[self.etcd.members.index(member)]
+
+    def _make_keys(self) -> None:
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.spec.atsigns):
+            name = f"chaos{i:02d}"
+            priv_path = self.keys_dir / f"{name}.pem"
+            pub_path = self.keys_dir / f"{name}.pub"
+            if not priv_path.exists():
+                key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                priv_path.write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+                priv_path.chmod(0o600)
+                der = key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                pub_path.write_text(base64.b64encode(der).decode())
+            self.atsigns.append(AtSignKeys(f"@{name}", priv_path, pub_path))
+
+    def _node_names(self) -> list[tuple[str, str]]:
+        out = []
+        counts = {c: 0 for c in CLOUDS}
+        for i in range(self.spec.nodes):
+            cloud = CLOUDS[i % 2]
+            counts[cloud] += 1
+            out.append((f"{cloud[-1]}{counts[cloud]}", cloud))
+        return out
+
+    def _workload_command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "atserver_runner.devserver",
+            "--atsign", "{atsign}", "--host", "{host}", "--port", "{port}",
+            "--data-dir", "{data_dir}", "--fencing-token", "{token}",
+            "--cert", "{cert}", "--key", "{key}",
+            "--pkam-public-key-file", str(self.keys_dir / "{name}.pub"),
+            "--fence-poll", "0.2", "--log-json",
+        ]  # fmt: skip
+
+    def node_config(self, index: int, name: str, cloud: str, http_port: int) -> dict[str, Any]:
+        """The YAML document of one node (what ``supervisor run --config`` reads)."""
+        spec = self.spec
+        state_dir = self.base / "nodes" / name
+        low = 20000 + index * PORTS_PER_NODE + (os.getpid() % 50) * 10
+        dcs: dict[str, Any] = {"backend": spec.backend, "prefix": self.prefix}
+        if spec.backend == "etcd":
+            assert self.etcd is not None
+            dcs["etcd"] = {"endpoints": self.etcd.endpoints}
+        else:
+            dcs["consul"] = {"url": self.consul.url, "lock_delay": spec.consul_lock_delay}
+        runner: dict[str, Any] = {
+            "kind": spec.runner,
+            "port_range": [low, low + PORTS_PER_NODE - 1],
+            "data_root": str(self.data_root),
+            "state_dir": str(state_dir),
+            "tls": {"ca": str(self.ca.cert_path), "cert": str(self.cert.cert), "key": str(self.cert.key)},
+            "stop_timeout": 3.0,
+        }  # fmt: skip
+        if spec.runner == "process":
+            runner["command"] = self._workload_command()
+        else:
+            runner["image"] = spec.image or "atserver-dev:latest"
+        return {
+            "node": {"name": name, "cloud": cloud, "zone": f"{cloud}-z1", "address": "127.0.0.1"},
+            "dcs": dcs,
+            "timing": {"ttl": self.ttl, "probe_interval": min(1.0, self.ttl / 4)},
+            "consul": {
+                "url": self.consul.url,
+                "service_name": "atserver",
+                "deregister_critical_after": "1m",
+            },
+            "runner": runner,
+            "http": {"listen": f"127.0.0.1:{http_port}"},
+            "placement": {"rank_delay": 0.3, "prefer_other_cloud": True},
+            "inventory": {
+                "nodes": [{"name": n, "cloud": c} for n, c in self._node_names()],
+                "atsigns": [{"atsign": a.atsign} for a in self.atsigns],
+            },
+        }
+
+    def _make_nodes(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("SSL_CERT_FILE", None)
+        for i, (name, cloud) in enumerate(self._node_names()):
+            http_port = free_port()
+            doc = self.node_config(i, name, cloud, http_port)
+            state_dir = Path(doc["runner"]["state_dir"])
+            state_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = self.base / "nodes" / f"{name}.yaml"
+            cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+            proc = ManagedProcess(
+                f"supervisor-{name}",
+                [sys.executable, "-m", "supervisor.cli", "run", "--config", str(cfg_path)],
+                self.base / "logs" / f"supervisor-{name}.log",
+                env=env,
+            )
+            self.nodes.append(Node(name, cloud, cfg_path, state_dir, http_port, proc))
+
+    def start(self) -> None:
+        """Start everything; raise :class:`ClusterError` naming the part that did not come up."""
+        spec = self.spec
+        timeout = spec.start_timeout
+        self._make_keys()
+        try:
+            self.consul.start(timeout)
+        except (TimeoutError, FileNotFoundError) as exc:
+            raise ClusterError(f"the Consul agent did not start: {exc}") from exc
+        if spec.backend == "etcd":
+            self.etcd = EtcdCluster(self.base / "etcd", size=3, name="etcd")
+            try:
+                self.etcd.start(timeout)
+            except (TimeoutError, FileNotFoundError) as exc:
+                raise ClusterError(f"etcd (3 members) did not start: {exc}") from exc
+        self.directory = ManagedProcess(
+            "directory",
+            [
+                sys.executable, "-m", "directory.cli", "serve",
+                "--consul", self.consul.url, "--host", "127.0.0.1",
+                "--port", str(self.directory_port),
+                "--cert", str(self.cert.cert), "--key", str(self.cert.key),
+                "--metrics-host", "127.0.0.1", "--metrics-port", str(self.directory_metrics_port),
+                "--log-format", "json",
+            ],
+            self.base / "logs" / "directory.log",
+        )  # fmt: skip
+        self.directory.start()
+        self._make_nodes()
+        for node in self.nodes:
+            node.start()
+        self._wait_up(timeout)
+
+    def _wait_up(self, timeout: float) -> None:
+        import socket
+
+        def directory_listening() -> bool:
+            assert self.directory is not None
+            if not self.directory.running():
+                raise ClusterError(
+                    f"the directory exited ({self.directory.returncode()}):\n"
+                    + self.directory.log_tail(20)
+                )
+            with socket.create_connection(self.directory_address, timeout=1):
+                return True
+
+        try:
+            wait_until(directory_listening, timeout, 0.2, what="the directory to listen")
+        except TimeoutError as exc:
+            raise ClusterError(str(exc)) from exc
+        end = time.monotonic() + timeout
+        for node in self.nodes:
+            while True:
+                if not node.running():
+                    raise ClusterError(
+                        f"node {node.name}: supervisor exited with {node.process.returncode()}:\n"
+                        + node.process.log_tail(30)
+                    )
+                st = node.status(timeout=1.0)
+                if st is not None and st.get("ready"):
+                    break
+                if time.monotonic() > end:
+                    raise ClusterError(
+                        f"node {node.name} not ready after {timeout:g}s "
+                        f"(status {st}):\n{node.process.log_tail(30)}"
+                    )
+                time.sleep(0.3)
+
+    # --- observation -------------------------------------------------------------------------
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} (nodes: {[n.name for n in self.nodes]})")
+
+    def owners_by_status(self) -> dict[str, str]:
+        """atSign -> node whose ``/status`` says it runs it (a hint for picking faults only)."""
+        out: dict[str, str] = {}
+        for node in self.nodes:
+            if not node.running() or node.frozen:
+                continue
+            st = node.status(timeout=1.0)
+            for w in (st or {}).get("workloads", []):
+                if w.get("state") == "running":
+                    out[w["atsign"]] = node.name
+        return out
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Consul's view: atSign -> {node, token, status} of each registered instance."""
+        url = f"{self.consul.url}/v1/health/service/atserver"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            entries = json.loads(resp.read())
+        out: dict[str, dict[str, Any]] = {}
+        for e in entries:
+            meta = (e.get("Service") or {}).get("Meta") or {}
+            checks = [c for c in e.get("Checks", []) if c.get("ServiceID")]
+            passing = bool(checks) and all(c["Status"] == "passing" for c in checks)
+            atsign = meta.get("atsign", "")
+            token = int(meta.get("fencing_token", 0) or 0)
+            cur = out.get(atsign)
+            if cur is None or (passing and not cur["passing"]) or token > cur["token"]:
+                out[atsign] = {"node": meta.get("node"), "token": token, "passing": passing}
+        return out
+
+    def wait_all_serving(self, timeout: float) -> float:
+        """Wait until Consul has a passing instance of every atSign; return the seconds taken."""
+        start = time.monotonic()
+        wanted = {a.atsign for a in self.atsigns}
+
+        def all_passing() -> bool:
+            h = self.health()
+            return all(h.get(a, {}).get("passing") for a in wanted)
+
+        try:
+            wait_until(all_passing, timeout, 0.3, what="every atSign passing in Consul")
+        except TimeoutError as exc:
+            raise ClusterError(str(exc)) from exc
+        return time.monotonic() - start
+
+    # --- tear-down ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL), the directory, etcd and Consul, by PID."""
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+        for node in self.nodes:
+            node.reap()
+        if self.directory is not None:
+            self.directory.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        self.consul.stop()
+
+    def leftovers(self) -> list[str]:
+        """Processes of this cluster still alive (should be empty after :meth:`stop`)."""
+        out = [f"{n.name}: supervisor" for n in self.nodes if n.running()]
+        for n in self.nodes:
+            if n.fence_pid() is not None:
+                out.append(f"{n.name}: fence {n.fence_pid()}")
+            out += [f"{n.name}: workload {a} pid {p}" for a, (p, _) in n.workload_pids().items()]
+        if self.directory is not None and self.directory.running():
+            out.append("directory")
+        if self.etcd is not None:
+            out += [m.name for m in self.etcd.members if m.process and m.process.running()]
+        if self.consul.process is not None and self.consul.process.running():
+            out.append("consul")
+        return out
+
+
+@dataclass
+class ClusterSummary:
+    """What a user needs to look at the cluster."""
+
+    consul_ui: str
+    directory: str
+    status_command: str
+    nodes: list[str] = field(default_factory=list)
+
+
+def summary(cluster: Cluster) -> ClusterSummary:
+    first = cluster.nodes[0]
+    return ClusterSummary(
+        consul_ui=cluster.consul_ui,
+        directory=f"127.0.0.1:{cluster.directory_port}",
+        status_command=f"{sys.executable} -m supervisor.cli status --config {first.config_path}",
+        nodes=[f"{n.name} ({n.cloud}) {n.api}" for n in cluster.nodes],
+    )
