@@ -40,7 +40,7 @@ def onboard(atsign: AtSign, address: Address, cram_secret: str) -> dict[str, Any
     OnboardingUtil.delete_cram_key(conn)
     KeysUtil.save_keys(atsign, keys)
     conn.disconnect()
-    return {"onboarded": str(atsign)}
+    return {"onboarded": str(atsign), "pkam_public_key": keys[KeysUtil.pkam_public_key_name]}
 
 
 def client(atsign: AtSign, address: Address) -> AtClient:
@@ -76,7 +76,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     if cmd == "exercise":
         return exercise(atsign, address)
     if cmd == "put":
-        return {"put": client(atsign, address).put(SelfKey(rest[0], atsign), rest[1])}
+        try:
+            return {"put": client(atsign, address).put(SelfKey(rest[0], atsign), rest[1])}
+        except AtException as exc:
+            return {"error": type(exc).__name__, "detail": str(exc)}
     if cmd == "get":
         try:
             return {"value": client(atsign, address).get(SelfKey(rest[0], atsign))}
