@@ -117,6 +117,7 @@ class Node:
     state_dir: Path
     http_port: int
     process: ManagedProcess
+    port_range: tuple[int, int] = (0, 0)
     frozen: bool = False
 
     @property
@@ -343,7 +344,11 @@ class Cluster:
             "port_range": [low, low + PORTS_PER_NODE - 1],
             "data_root": str(self.data_root),
             "state_dir": str(state_dir),
-            "tls": {"ca": str(self.ca.cert_path), "cert": str(self.cert.cert), "key": str(self.cert.key)},
+            "tls": {
+                "ca": str(self.ca.cert_path),
+                "cert": str(self.cert.cert),
+                "key": str(self.cert.key),
+            },
             "stop_timeout": 3.0,
         }  # fmt: skip
         if spec.runner == "process":
@@ -384,7 +389,10 @@ class Cluster:
                 self.base / "logs" / f"supervisor-{name}.log",
                 env=env,
             )
-            self.nodes.append(Node(name, cloud, cfg_path, state_dir, http_port, proc))
+            low, high = doc["runner"]["port_range"]
+            self.nodes.append(
+                Node(name, cloud, cfg_path, state_dir, http_port, proc, (int(low), int(high)))
+            )
 
     def start(self) -> None:
         """Start everything; raise :class:`ClusterError` naming the part that did not come up."""

@@ -1,0 +1,174 @@
+"""``python -m chaos demo`` (what ``make demo`` runs): a local cluster and a failover to watch.
+
+On a terminal it shows a live table and lets the user SIGKILL a node. Without a terminal
+(CI, scripts) it runs a scripted tour: wait until every atSign is served, SIGKILL the node
+owning the most atSigns, wait until they are served elsewhere, stop everything, exit 0.
+Anything that does not happen within its bound is reported and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from chaos.cluster import Cluster, ClusterError, ClusterSpec, Node, summary
+from chaos.observe import Observer, OwnerRow, owner_table
+
+console = Console()
+
+
+class DemoFailed(Exception):
+    """The demo could not show what it promised (the message says what did not happen)."""
+
+
+def _print_where(cluster: Cluster) -> None:
+    s = summary(cluster)
+    console.print(f"[bold]Consul UI:[/bold]   {s.consul_ui}")
+    console.print(f"[bold]directory:[/bold]   {s.directory} (TLS, CA {cluster.ca.cert_path})")
+    console.print(f"[bold]status:[/bold]      {s.status_command}")
+    console.print(f"[bold]nodes:[/bold]       {', '.join(s.nodes)}")
+    console.print(f"[bold]logs, configs:[/bold] {cluster.base}")
+
+
+async def _wait_served(obs: Observer, deadline: float, avoid: str | None = None) -> list[OwnerRow]:
+    """Poll until every atSign is passing and the directory answers (not on ``avoid``)."""
+    rows: list[OwnerRow] = []
+    while time.monotonic() < deadline:
+        rows = await obs.snapshot()
+        if all(r.served and r.owner != avoid and f"({avoid})" not in r.directory for r in rows):
+            return rows
+        await asyncio.sleep(0.5)
+    raise DemoFailed(
+        "not every atSign was served in time: "
+        + ", ".join(f"{r.atsign}={r.owner}/{r.health}/{r.directory}" for r in rows if not r.served)
+    )
+
+
+def _busiest(cluster: Cluster, rows: list[OwnerRow]) -> Node:
+    counts = {n.name: 0 for n in cluster.nodes}
+    for r in rows:
+        if r.owner in counts:
+            counts[r.owner] += 1
+    return cluster.node(max(counts, key=lambda n: counts[n]))
+
+
+async def scripted_tour(cluster: Cluster, deadline: float) -> None:
+    obs = Observer(cluster)
+    try:
+        console.print("waiting until every atSign is served ...")
+        t0 = time.monotonic()
+        rows = await _wait_served(obs, deadline)
+        console.print(owner_table(rows, f"all served after {time.monotonic() - t0:.1f}s"))
+        victim = _busiest(cluster, rows)
+        moved = [r.atsign for r in rows if r.owner == victim.name]
+        console.print(
+            f"[bold red]SIGKILL node {victim.name}[/bold red] (supervisor, fence and "
+            f"{len(moved)} atServers: {', '.join(moved)}); ttl is {cluster.ttl:g}s"
+        )
+        killed = time.monotonic()
+        await asyncio.to_thread(victim.kill_node)
+        rows = await _wait_served(obs, deadline, avoid=victim.name)
+        took = time.monotonic() - killed
+        console.print(owner_table(rows, f"after the failover ({took:.1f}s after the kill)"))
+        console.print(
+            f"failover: {len(moved)} atSigns moved off {victim.name} in {took:.1f}s "
+            f"(ttl {cluster.ttl:g}s)"
+        )
+    finally:
+        await obs.close()
+
+
+async def interactive(cluster: Cluster, deadline: float) -> None:
+    obs = Observer(cluster)
+    loop = asyncio.get_running_loop()
+    console.print(
+        "Type a node name and Enter to SIGKILL that whole node "
+        "(supervisor, fence, atServers), 'r NAME' to restart it, 'q' to quit."
+    )
+    pending: asyncio.Future[str] = loop.run_in_executor(None, sys.stdin.readline)
+    message = ""
+    try:
+        with Live(console=console, refresh_per_second=2) as live:
+            while time.monotonic() < deadline:
+                rows = await obs.snapshot()
+                live.update(owner_table(rows, time.strftime("%H:%M:%S ") + message))
+                done, _ = await asyncio.wait({pending}, timeout=1.0)
+                if not done:
+                    continue
+                raw = pending.result()
+                if raw == "":  # end of input
+                    return
+                line = raw.strip()
+                pending = loop.run_in_executor(None, sys.stdin.readline)
+                if line in ("q", "quit", "exit"):
+                    return
+                if not line:
+                    continue
+                restart = line.startswith("r ")
+                name = line[2:].strip() if restart else line
+                try:
+                    node = cluster.node(name)
+                except KeyError as exc:
+                    message = str(exc)
+                    continue
+                if restart:
+                    node.start()
+                    message = f"restarted {name}"
+                else:
+                    await asyncio.to_thread(node.kill_node)
+                    message = f"killed {name} at {time.strftime('%H:%M:%S')}: watch the failover"
+    finally:
+        await obs.close()
+
+
+def run_demo(
+    backend: str = "etcd",
+    nodes: int = 4,
+    atsigns: int = 6,
+    duration: float = 240.0,
+    base_dir: Path | None = None,
+    interactive_mode: bool | None = None,
+) -> int:
+    """Start the default local cluster and run the tour; return the exit code."""
+    base = base_dir or Path(tempfile.mkdtemp(prefix="atfailover-demo-"))
+    deadline = time.monotonic() + duration
+    spec = ClusterSpec(base_dir=base, backend=backend, nodes=nodes, atsigns=atsigns)  # type: ignore[arg-type]
+    tty = sys.stdin.isatty() if interactive_mode is None else interactive_mode
+    console.print(
+        f"starting a local cluster in {base}: {backend} "
+        f"({'3 members: cloud-a, cloud-b, witness' if backend == 'etcd' else 'Consul'}), "
+        f"Consul agent, directory, {nodes} supervisor nodes, {atsigns} atSigns ..."
+    )
+    cluster = Cluster(spec)
+    try:
+        try:
+            cluster.start()
+        except (ClusterError, OSError) as exc:
+            console.print(f"[red]the cluster did not come up:[/red] {exc}")
+            return 1
+        _print_where(cluster)
+        try:
+            if tty:
+                asyncio.run(interactive(cluster, deadline))
+            else:
+                asyncio.run(scripted_tour(cluster, deadline))
+        except DemoFailed as exc:
+            console.print(f"[red]demo failed:[/red] {exc}")
+            return 1
+        except KeyboardInterrupt:
+            console.print("interrupted")
+        return 0
+    finally:
+        console.print("stopping the cluster ...")
+        cluster.stop()
+        left = cluster.leftovers()
+        if left:
+            console.print(f"[red]still running after stop:[/red] {left}")
+        else:
+            console.print(f"stopped; logs stay in {base}")
