@@ -49,5 +49,64 @@ def demo(
     raise typer.Exit(run_demo(backend, nodes, atsigns, duration, base_dir, interactive))
 
 
+@app.command()
+def run(
+    backend: Annotated[str, typer.Option(callback=_backend, help="etcd or consul")] = "etcd",
+    nodes: Annotated[int, typer.Option(min=2, max=8, help="supervisor nodes")] = 3,
+    atsigns: Annotated[int, typer.Option(min=1, max=50, help="atSigns")] = 4,
+    faults: Annotated[int, typer.Option(min=0, help="how many faults to inject")] = 10,
+    seed: Annotated[int, typer.Option(help="seed of the fault schedule")] = 1,
+    report: Annotated[Path, typer.Option(help="directory for report.json and timeline.png")] = Path(
+        "chaos-report"
+    ),
+    ttl: Annotated[
+        float | None, typer.Option(help="claim ttl in seconds [etcd 4, consul 10]")
+    ] = None,
+    kind: Annotated[
+        list[str] | None, typer.Option(help="only these fault kinds (repeatable)")
+    ] = None,
+) -> None:
+    """Inject a seeded schedule of faults, check the histories, write a report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from chaos.cluster import ClusterError
+    from chaos.faults import kinds_for
+    from chaos.run import RunOptions, run_chaos
+
+    valid = kinds_for(backend, partition=True)
+    for k in kind or []:
+        if k not in valid:
+            raise typer.BadParameter(f"{k!r} is not a fault kind for {backend}: {list(valid)}")
+    opts = RunOptions(
+        backend=backend, nodes=nodes, atsigns=atsigns, faults=faults, seed=seed,
+        report_dir=report, ttl=ttl, kinds=tuple(kind or ()),
+    )  # fmt: skip
+    out = Console()
+    try:
+        result = run_chaos(opts)
+    except ClusterError as exc:
+        out.print(f"[red]the cluster did not come up or settle:[/red] {exc}")
+        raise typer.Exit(1) from None
+    r = result.report
+    table = Table(title=f"recovery per fault kind ({backend}, ttl {r['ttl']:g}s)")
+    for col in ("kind", "faults", "with outage", "p50 s", "p99 s", "max s"):
+        table.add_column(col)
+    for k, v in r["recovery_by_kind"].items():
+        table.add_row(k, str(v["faults"]), str(v["with_outage"]), str(v["recovery_p50_s"]),
+                      str(v["recovery_p99_s"]), str(v["recovery_max_s"]))  # fmt: skip
+    out.print(table)
+    out.print(
+        f"{len(r['violations'])} violations, {r['lost_writes']} lost writes, "
+        f"{r['acknowledged_writes']} acknowledged writes, {r['duration_s']}s; "
+        f"report {result.report_path}, timeline {result.timeline_path}"
+    )
+    for v in r["violations"][:20]:
+        out.print(f"[red]{v['check']}[/red] {v['atsign']}: {v['detail']}")
+    for note in r["notes"]:
+        out.print(f"[yellow]note:[/yellow] {note}")
+    raise typer.Exit(0 if result.verdict.ok and not r["notes"] else 1)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,152 @@
+"""Faults the harness injects, and the seeded schedule that picks them.
+
+Each fault is injected, held for a while, and healed (a killed supervisor or node is
+started again, a frozen process thawed, an etcd member restarted); the harness records
+wall times, never the supervisors' view. Targets are chosen by the seed (node and member
+indexes, atSign names), so a seed gives the same schedule every time; only "the etcd
+leader" is resolved at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from chaos.checker import FaultRecord
+from chaos.cluster import Cluster
+
+ETCD_KINDS = ("kill-etcd-member", "kill-etcd-leader", "freeze-etcd-member", "freeze-etcd-leader")
+COMMON_KINDS = (
+    "kill-supervisor",
+    "kill-node",
+    "pause-supervisor",
+    "crash-workload",
+    "restart-consul",
+)
+PARTITION_KIND = "partition-node"
+
+
+def kinds_for(backend: str, partition: bool = False) -> tuple[str, ...]:
+    kinds = COMMON_KINDS + (ETCD_KINDS if backend == "etcd" else ())
+    return kinds + ((PARTITION_KIND,) if partition else ())
+
+
+def partition_unavailable_reason() -> str | None:
+    """Why network-namespace partitions cannot run here (``None`` if they can)."""
+    if shutil.which("ip") is None:
+        return "the 'ip' command (iproute2) is not installed"
+    return (
+        "not implemented yet: the nodes share the host's loopback, and moving a supervisor "
+        "and its atServers into a namespace needs per-node addresses (see docs/chaos.md)"
+    )
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    """One entry of the schedule: what, on which index/name, held for how many ttls."""
+
+    kind: str
+    target: int
+    hold_ttls: float
+
+    def describe(self, cluster: Cluster) -> str:
+        return f"{self.kind} target={self.target_name(cluster)} hold={self.hold_ttls:.2f}xttl"
+
+    def target_name(self, cluster: Cluster) -> str:
+        if self.kind in ("kill-supervisor", "kill-node", "pause-supervisor", PARTITION_KIND):
+            return cluster.nodes[self.target % len(cluster.nodes)].name
+        if self.kind == "crash-workload":
+            return cluster.atsigns[self.target % len(cluster.atsigns)].atsign
+        if self.kind in ("kill-etcd-member", "freeze-etcd-member"):
+            assert cluster.etcd is not None
+            return cluster.etcd.members[self.target % 3].name
+        if self.kind in ("kill-etcd-leader", "freeze-etcd-leader"):
+            return "leader"
+        return "consul"
+
+
+_HOLD = {
+    "kill-supervisor": (0.5, 2.0),
+    "kill-node": (1.0, 2.0),
+    "pause-supervisor": (1.5, 2.5),
+    "crash-workload": (0.0, 0.0),
+    "restart-consul": (0.0, 0.0),
+    "kill-etcd-member": (1.0, 3.0),
+    "kill-etcd-leader": (1.0, 3.0),
+    "freeze-etcd-member": (1.0, 2.0),
+    "freeze-etcd-leader": (1.0, 2.0),
+    PARTITION_KIND: (1.5, 2.5),
+}
+
+
+def schedule(seed: int, count: int, kinds: Sequence[str]) -> list[PlannedFault]:
+    """``count`` faults drawn by ``random.Random(seed)`` (reproducible)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        kind = rng.choice(list(kinds))
+        low, high = _HOLD[kind]
+        out.append(PlannedFault(kind, rng.randrange(1000), round(rng.uniform(low, high), 2)))
+    return out
+
+
+async def _sleep_ttls(cluster: Cluster, ttls: float) -> None:
+    await asyncio.sleep(ttls * cluster.ttl)
+
+
+async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
+    """Inject ``fault``, hold it, heal it; return what was done and when (wall times)."""
+    name = fault.target_name(cluster)
+    kind = fault.kind
+    start = time.time()
+    killed: list[tuple[str, str, float]] = []
+    detail = ""
+    if kind in ("kill-supervisor", "kill-node", "pause-supervisor"):
+        node = cluster.node(name)
+        if kind == "kill-supervisor":
+            await asyncio.to_thread(node.kill_supervisor)
+        elif kind == "kill-node":
+            atsigns = list(node.workload_pids())
+            done = await asyncio.to_thread(node.kill_node)
+            killed = [(node.name, a, done) for a in atsigns]
+            detail = f"killed workloads {atsigns}"
+        else:
+            await asyncio.to_thread(node.freeze)
+        await _sleep_ttls(cluster, fault.hold_ttls)
+        if kind == "pause-supervisor":
+            await asyncio.to_thread(node.thaw)
+        else:
+            await asyncio.to_thread(node.start)
+    elif kind == "crash-workload":
+        for node in cluster.nodes:
+            crashed = await asyncio.to_thread(node.crash_workload, name)
+            if crashed is not None:
+                killed.append((node.name, name, crashed))
+        detail = f"on {[k[0] for k in killed] or 'no node (not running)'}"
+    elif kind == "restart-consul":
+        await asyncio.to_thread(cluster.consul.restart)
+        detail = "dev agent: catalog, sessions and KV are lost"
+    elif kind in ETCD_KINDS:
+        etcd = cluster.etcd
+        assert etcd is not None
+        if kind.endswith("leader"):
+            member = await asyncio.to_thread(etcd.leader)
+        else:
+            member = etcd.members[fault.target % 3]
+        name = f"{member.name} ({cluster.etcd_role(member)})"
+        assert member.process is not None
+        if kind.startswith("kill"):
+            await asyncio.to_thread(etcd.kill_member, member)
+            await _sleep_ttls(cluster, fault.hold_ttls)
+            await asyncio.to_thread(etcd.restart_member, member)
+        else:
+            member.process.freeze()
+            await _sleep_ttls(cluster, fault.hold_ttls)
+            member.process.thaw()
+    else:
+        raise ValueError(f"unknown fault kind {kind!r}")
+    return FaultRecord(kind, name, start, time.time(), detail, tuple(killed))

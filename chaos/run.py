@@ -1,0 +1,175 @@
+"""``python -m chaos run``: a seeded fault schedule against a local cluster, then the checker.
+
+The workload client runs throughout. Before each fault the harness waits (bounded) until
+every node answers ``/readyz``-equivalent status and every atSign acknowledged a write
+after the previous fault was healed, so each fault starts from a steady state. At the end:
+read back every acknowledged write, stop the cluster, collect histories, check, report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from chaos.atclient import client_ssl_context
+from chaos.checker import FaultRecord, Verdict, check
+from chaos.cluster import Cluster, ClusterError, ClusterSpec
+from chaos.faults import inject, kinds_for, partition_unavailable_reason, schedule
+from chaos.history import NodeLogs, collect_instances
+from chaos.report import instances_json, plot_timeline, write_json
+from chaos.workload import WorkloadClient
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    backend: str = "etcd"
+    nodes: int = 3
+    atsigns: int = 4
+    faults: int = 10
+    seed: int = 1
+    report_dir: Path = Path("chaos-report")
+    ttl: float | None = None
+    kinds: tuple[str, ...] = ()
+    """Restrict to these fault kinds (default: all that apply to the backend)."""
+    client_interval: float = 0.25
+
+
+@dataclass
+class RunResult:
+    verdict: Verdict
+    report: dict[str, Any]
+    report_path: Path
+    timeline_path: Path
+
+
+def steady_bound(cluster: Cluster) -> float:
+    """How long to wait for a steady state: generous, derived from the ttl (Consul's session
+    may live 2 x ttl, plus lock-delay)."""
+    return 3 * cluster.ttl + cluster.spec.consul_lock_delay + 30
+
+
+async def wait_steady(cluster: Cluster, client: WorkloadClient, since: float, bound: float) -> bool:
+    """Every node ready and every atSign with a write acknowledged after ``since``."""
+    end = time.monotonic() + bound
+    wanted = {a.atsign for a in cluster.atsigns}
+    while time.monotonic() < end:
+        served = {r.atsign for r in client.records if r.op == "write" and r.ok and r.start > since}
+        if wanted <= served:
+            statuses = await asyncio.gather(
+                *(asyncio.to_thread(n.status, 1.0) for n in cluster.nodes)
+            )
+            if all(s is not None and s.get("ready") for s in statuses):
+                return True
+        await asyncio.sleep(0.3)
+    return False
+
+
+async def _campaign(opts: RunOptions) -> RunResult:
+    report_dir = opts.report_dir.resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    kinds = opts.kinds or kinds_for(opts.backend)
+    skipped: dict[str, str] = {}
+    reason = partition_unavailable_reason()
+    if reason:
+        skipped["partition-node"] = reason
+    kinds = tuple(k for k in kinds if k not in skipped)
+    spec = ClusterSpec(
+        base_dir=report_dir / "cluster",
+        backend=opts.backend,  # type: ignore[arg-type]
+        nodes=opts.nodes,
+        atsigns=opts.atsigns,
+        ttl=opts.ttl,
+    )
+    cluster = Cluster(spec)
+    plan = schedule(opts.seed, opts.faults, kinds)
+    t_begin = time.time()
+    mono_begin = time.monotonic()
+    records: list[FaultRecord] = []
+    notes: list[str] = []
+    client: WorkloadClient | None = None
+    try:
+        await asyncio.to_thread(cluster.start)
+        console.print(f"cluster up in {time.monotonic() - mono_begin:.1f}s ({cluster.base})")
+        client = WorkloadClient(
+            cluster.atsigns,
+            cluster.directory_address,
+            client_ssl_context(cluster.ca.cert_path),
+            interval=opts.client_interval,
+        )
+        client.start()
+        bound = steady_bound(cluster)
+        if not await wait_steady(cluster, client, t_begin, bound):
+            raise ClusterError(f"not every atSign served a write within {bound:g}s of start")
+        since = time.time()
+        for k, pf in enumerate(plan, 1):
+            if not await wait_steady(cluster, client, since, bound):
+                notes.append(f"before fault {k}: no steady state within {bound:g}s")
+                console.print(f"[yellow]{notes[-1]}[/yellow]")
+            rec = await inject(cluster, pf)
+            records.append(rec)
+            since = rec.healed
+            console.print(
+                f"fault {k}/{len(plan)}: {rec.kind} {rec.target} "
+                f"held {rec.healed - rec.start:.1f}s {rec.detail}"
+            )
+        if not await wait_steady(cluster, client, since, bound):
+            notes.append(f"after the last fault: no steady state within {bound:g}s")
+        await asyncio.sleep(1.0)
+        await client.stop()
+        verified = await client.verify(timeout=bound)
+    finally:
+        if client is not None:
+            await client.stop()
+        await asyncio.to_thread(cluster.stop)
+    t_end = time.time()
+    assert client is not None
+    left = cluster.leftovers()
+    if left:
+        notes.append(f"left running after stop: {left}")
+    logs = [NodeLogs(n.name, n.workload_logs, n.fence_log) for n in cluster.nodes]
+    instances = collect_instances(logs, records)
+    verdict = check(instances, records, client.records, verified.lost, verified.unreadable_atsigns)
+    client.dump(report_dir / "client-ops.jsonl")
+    (report_dir / "instances.json").write_text(json.dumps(instances_json(instances), indent=1))
+    failed_ops = sum(1 for r in client.records if not r.ok)
+    report: dict[str, Any] = {
+        "options": {**asdict(opts), "report_dir": str(report_dir)},
+        "ttl": cluster.ttl,
+        "kinds": list(kinds),
+        "skipped_kinds": skipped,
+        "schedule": [pf.describe(cluster) for pf in plan],
+        "duration_s": round(t_end - t_begin, 1),
+        "operations": len(client.records),
+        "failed_operations": failed_ops,
+        "verified_writes": verified.checked,
+        "instances": len(instances),
+        "notes": notes,
+        **verdict.to_json(),
+    }
+    report_path = report_dir / "report.json"
+    write_json(report_path, report)
+    timeline = report_dir / "timeline.png"
+    plot_timeline(
+        timeline,
+        instances,
+        records,
+        verdict,
+        t_begin,
+        t_end,
+        f"{opts.backend}: {opts.nodes} nodes, {opts.atsigns} atSigns, {len(records)} faults, "
+        f"seed {opts.seed}",
+    )
+    return RunResult(verdict, report, report_path, timeline)
+
+
+def run_chaos(opts: RunOptions) -> RunResult:
+    """Run the campaign (blocking)."""
+    return asyncio.run(_campaign(opts))
