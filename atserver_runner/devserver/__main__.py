@@ -60,6 +60,11 @@ def parse_args(args: Sequence[str]) -> DevServerConfig:
         help="file holding the PKAM public key (base64 DER) to install instead of onboarding",
     )
     ap.add_argument(
+        "--pkam-public-key",
+        default=_env("pkam-public-key"),
+        help="the PKAM public key itself (base64 DER), e.g. from the environment in a container",
+    )
+    ap.add_argument(
         "--max-line-bytes", type=int, default=int(_env("max-line-bytes", "1048576") or 0)
     )
     ap.add_argument("--fence-poll", type=float, default=float(_env("fence-poll", "1.0") or 0))
@@ -89,7 +94,7 @@ def parse_args(args: Sequence[str]) -> DevServerConfig:
             cram_secret = ns.cram_secret_file.read_text().strip()
         except OSError as exc:
             ap.error(f"--cram-secret-file: {exc}")
-    pkam_key = None
+    pkam_key = ns.pkam_public_key
     if ns.pkam_public_key_file is not None:
         try:
             pkam_key = ns.pkam_public_key_file.read_text().strip()
