@@ -28,7 +28,12 @@ from leases.base import normalize_atsign
 from supervisor.config import ConfigError, SupervisorConfig, load_config
 
 app = typer.Typer(help="Per-node failover supervisor for atServers.", no_args_is_help=True)
-err = Console(stderr=True)
+
+
+def _err(message: str) -> None:
+    """One plain line on stderr (no markup: messages quote user input like [low, high])."""
+    typer.echo(message, err=True)
+
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's YAML file")]
 
@@ -62,7 +67,7 @@ def _load(path: Path) -> SupervisorConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        err.print(f"[red]config error:[/red] {exc}", highlight=False)
+        _err(f"config error: {exc}")
         raise typer.Exit(2) from None
 
 
@@ -217,10 +222,10 @@ def _call(cfg: SupervisorConfig, method: str, path: str, body: Any = None) -> An
     try:
         return asyncio.run(_api(cfg, method, path, body))
     except (aiohttp.ClientError, TimeoutError) as exc:
-        err.print(f"cannot reach the supervisor of {cfg.node.name} at {cfg.http.listen}: {exc}")
+        _err(f"cannot reach the supervisor of {cfg.node.name} at {cfg.http.listen}: {exc}")
         raise typer.Exit(1) from None
     except RuntimeError as exc:
-        err.print(f"{cfg.node.name}: {exc}")
+        _err(f"{cfg.node.name}: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -251,7 +256,7 @@ def drain(
             typer.echo(f"{cfg.node.name} drained: holding nothing")
             return
         time.sleep(0.2)
-    err.print(f"{cfg.node.name} not drained after {timeout:g}s")
+    _err(f"{cfg.node.name} not drained after {timeout:g}s")
     raise typer.Exit(1)
 
 
@@ -273,7 +278,7 @@ def handoff(
     try:
         name = normalize_atsign(atsign)
     except ValueError as exc:
-        err.print(f"ATSIGN: {exc}")
+        _err(f"ATSIGN: {exc}")
         raise typer.Exit(2) from None
     typer.echo(_call(cfg, "POST", "/handoff", {"atsign": name})["message"])
     end = time.monotonic() + timeout
@@ -284,7 +289,7 @@ def handoff(
             _print_reports(mine[-1:])
             return
         time.sleep(0.2)
-    err.print(f"{name}: no standby took over within {timeout:g}s")
+    _err(f"{name}: no standby took over within {timeout:g}s")
     raise typer.Exit(1)
 
 
@@ -339,7 +344,7 @@ def status(
     try:
         rows = asyncio.run(_status_rows(cfg))
     except Exception as exc:
-        err.print(f"cannot read the DCS/Consul: {exc!r}")
+        _err(f"cannot read the DCS/Consul: {exc!r}")
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -9,6 +9,7 @@ are parsed as YAML, so ``SUPERVISOR__DCS__ETCD__ENDPOINTS='[a:1, b:2]'`` works.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from leases.base import normalize_atsign
 
 ENV_PREFIX = "SUPERVISOR__"
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration_seconds(value: str) -> float:
+    """Seconds in a Go duration string as Consul takes it (``90s``, ``1m30s``, ``2h``)."""
+    text = value.strip()
+    parts = _DURATION_RE.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{value!r} is not a duration like 90s, 1m or 1h30m")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
 class ConfigError(Exception):
@@ -109,6 +123,16 @@ class ConsulRegistration(_Model):
     service_name: str = Field(default="atserver", pattern=r"^[a-z0-9][a-z0-9-]*$")
     deregister_critical_after: str = "1m"
     request_timeout: float = Field(default=2.0, gt=0)
+
+    @field_validator("deregister_critical_after")
+    @classmethod
+    def _at_least_a_minute(cls, value: str) -> str:
+        seconds = go_duration_seconds(value)
+        if seconds < 60:
+            raise ValueError(
+                f"{value!r} is below Consul's minimum of 1m (Consul would silently use 1m)"
+            )
+        return value
 
 
 class RunnerConfig(_Model):

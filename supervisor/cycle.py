@@ -179,8 +179,8 @@ def _fence_everything(s: Snapshot, why: str) -> Plan:
     actions += [Deregister(a, why) for a in sorted(s.registered - set(s.workloads))]
     if not actions:
         return Plan((), f"{why}: nothing runs here, nothing to fence")
-    fenced = ", ".join(a for a in sorted(s.workloads)) or "none"
-    return Plan(tuple(actions), f"{why}: self-fencing (deregister, stop) {fenced}")
+    names = ", ".join(sorted(set(s.workloads) | s.registered))
+    return Plan(tuple(actions), f"{why}: self-fencing (deregister, stop) {names}")
 
 
 def _running(w: Workload | None) -> bool:
@@ -190,7 +190,7 @@ def _running(w: Workload | None) -> bool:
 def decide(s: Snapshot) -> Plan:
     """The plan of one cycle (pure)."""
     if s.session_state is SessionState.LOST or s.session_id is None:
-        return _fence_everything(s, "session lost")
+        return _fence_everything(s, "no live DCS session")
     if s.now >= s.renew_deadline:
         return _fence_everything(
             s, f"no renewal since the deadline ({s.now - s.renew_deadline:.2f}s ago)"

@@ -41,6 +41,7 @@ from supervisor.fence import Heartbeat, write_heartbeat
 from supervisor.metrics import SupervisorMetrics
 from supervisor.placement import AtSignPolicy, NodeRef
 from supervisor.registration import Instance, Registrar, RegistrationError, bare
+from supervisor.resume import SessionRecord, forget_record, load_record, resume_session, save_record
 from supervisor.timing import build_timing
 
 log = logging.getLogger("supervisor")
@@ -132,6 +133,7 @@ class Supervisor:
         self.metrics = metrics
         self.clock = clock
         self.heartbeat_path = heartbeat_path or cfg.heartbeat_path
+        self.session_record_path = cfg.runner.state_dir / "session.json"
         self.pid = pid or os.getpid()
         self.spec_builder = spec_builder or self._default_spec
         self.me = NodeRef(cfg.node.name, cfg.node.cloud)
@@ -251,26 +253,59 @@ class Supervisor:
 
     # --- session -------------------------------------------------------------------------
 
+    async def _resume_recorded(self) -> Session | None:
+        """The session recorded by an earlier supervisor of this node, if it is still alive."""
+        rec = load_record(self.session_record_path)
+        if rec is None:
+            return None
+        if (rec.backend, rec.prefix, rec.node) != (
+            self.cfg.dcs.backend,
+            self.cfg.dcs.prefix,
+            self.cfg.node.name,
+        ):
+            forget_record(self.session_record_path)
+            return None
+        session = await asyncio.wait_for(
+            resume_session(self.backend, self.cfg.node.name, self.timing, rec.session_id),
+            self.timing.request_timeout * 2,
+        )
+        if session is None:
+            log.info("event=session-not-resumed id=%s reason='gone on the DCS'", rec.session_id)
+            forget_record(self.session_record_path)
+        return session
+
     async def open_session(self) -> bool:
-        """Try once to open a session; True on success."""
+        """Resume the recorded session or open a new one (once); True on success."""
+        resumed = False
         try:
-            self.session = await asyncio.wait_for(
-                self.backend.open_session(self.cfg.node.name, self.timing),
-                self.timing.request_timeout * 3,
-            )
+            session = await self._resume_recorded()
+            resumed = session is not None
+            if session is None:
+                session = await asyncio.wait_for(
+                    self.backend.open_session(self.cfg.node.name, self.timing),
+                    self.timing.request_timeout * 3,
+                )
         except (TimeoutError, LeaseError) as exc:
             if self.metrics is not None:
                 self.metrics.dcs_errors.labels("open_session").inc()
             log.warning("event=session-open-failed error=%r", exc)
             return False
+        self.session = session
         self.state.vacancies = {}
         self.write_heartbeat()
-        log.info("event=session-opened id=%s", self.session.session_id)
+        save_record(
+            self.session_record_path,
+            SessionRecord(
+                self.cfg.dcs.backend, self.cfg.dcs.prefix, self.cfg.node.name, session.session_id
+            ),
+        )
+        log.info("event=session-%s id=%s", "resumed" if resumed else "opened", session.session_id)
         return True
 
     async def _drop_session(self) -> None:
         s = self.session
         self.session = None
+        forget_record(self.session_record_path)
         if s is None:
             return
         try:
@@ -756,17 +791,16 @@ class Supervisor:
                     sentence, _ = await self.run_cycle()  # fences everything
                     log.info("event=cycle sentence=%r", sentence)
                     await self._drop_session()
-                if self.session is None:
+                if self.session is None and not await self.open_session():
                     try:
-                        sentence, _ = await self.run_cycle()  # stops what we do not hold
+                        sentence, _ = await self.run_cycle()  # no session: hold nothing
                         log.info("event=cycle sentence=%r", sentence)
                     except Exception as exc:
                         log.exception("event=cycle-failed error=%r", exc)
-                    if not await self.open_session():
-                        await asyncio.wait(
-                            [asyncio.ensure_future(stop.wait())], timeout=self.timing.renew_interval
-                        )
-                        continue
+                    await asyncio.wait(
+                        [asyncio.ensure_future(stop.wait())], timeout=self.timing.renew_interval
+                    )
+                    continue
                 try:
                     sentence, plan = await self.run_cycle()
                 except Exception as exc:  # log and go on: the next snapshot starts over
@@ -798,6 +832,7 @@ class Supervisor:
             except Exception as exc:
                 log.info("event=session-close-failed error=%r", exc)
         self.session = None
+        forget_record(self.session_record_path)
         self.write_heartbeat(state="stopped")
         with contextlib.suppress(Exception):
             await self.registrar.close()

@@ -9,13 +9,17 @@ polls it every ``min(0.1 s, stop_budget/5)``; once now >= deadline, or if the
 file is missing or garbled (fail safe), it stops every workload of the node
 through the runner (short SIGTERM grace, then SIGKILL) and writes one line per
 workload to ``fence.log``. Since ``renew_deadline + stop_budget < ttl``, the
-workloads are gone before the claims can expire on the DCS.
+workloads are gone before the claims can expire on the DCS. A dead (SIGKILLed)
+supervisor is treated like a frozen one: its workloads run until the deadline,
+which lets a supervisor restarted in time resume the session and adopt them
+(:mod:`supervisor.resume`); the claims cannot expire before that anyway.
 
 The supervisor writes the heartbeat *before* it starts anything, and the
 fence re-reads the heartbeat after listing workloads and before stopping
 them, so a workload started under a fresh heartbeat is never fenced by a
-stale one. The fence exits when its supervisor is gone and nothing runs, or
-when the supervisor shut down cleanly (state ``stopped``).
+stale one. The fence exits when its supervisor is gone and nothing runs, when the
+supervisor shut down cleanly (state ``stopped``), or when a newer supervisor
+(with its own fence) wrote the heartbeat after this fence started.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class Fence:
         self.poll_interval = poll_interval
         self.kill_grace = kill_grace
         self.clock = clock
+        self.started = clock()
         try:
             self._sup_create: float | None = psutil.Process(supervisor_pid).create_time()
         except psutil.Error:
@@ -118,11 +123,11 @@ class Fence:
         if now >= hb.deadline:
             return True, hb, f"renew deadline passed {now - hb.deadline:.3f}s ago"
         if hb.pid != self.supervisor_pid:
-            return False, hb, ""  # a newer supervisor (with its own fence) took over
+            return False, hb, ""  # another supervisor's heartbeat: its deadline rules
         if hb.state == "stopped":
             return True, hb, "supervisor shut down"
-        if not self.supervisor_alive():
-            return True, hb, f"supervisor process {self.supervisor_pid} is gone"
+        # A dead supervisor's workloads keep running until its deadline: a supervisor
+        # restarted by then resumes the session and adopts them (supervisor.resume).
         return False, hb, ""
 
     def _record(self, entry: dict[str, Any]) -> None:
@@ -181,7 +186,12 @@ class Fence:
             except Exception as exc:  # keep fencing whatever happens
                 log.error("fence: check failed: %r", exc)
             hb = read_heartbeat(self.heartbeat_path)
-            if hb is not None and hb.pid != self.supervisor_pid and self.clock() < hb.deadline:
+            if (
+                hb is not None
+                and hb.pid != self.supervisor_pid
+                and hb.written > self.started
+                and self.clock() < hb.deadline
+            ):
                 log.info("fence: supervisor %s took over the heartbeat: exiting", hb.pid)
                 return
             clean = hb is not None and hb.state == "stopped" and hb.pid == self.supervisor_pid

@@ -1,0 +1,99 @@
+"""Keep the node's DCS session across a supervisor restart, so running atServers are adopted.
+
+After opening a session the supervisor records its id in ``<state_dir>/session.json``.
+A supervisor that starts again (after a crash, an upgrade, ``kill -9``) first tries to
+*resume* that session: one renewal of the recorded etcd lease / Consul session. If the
+DCS confirms it, the claims the session holds are still this node's, and the first cycle
+adopts the workloads that run with those claims' tokens instead of restarting them. If
+the session is gone (expired, revoked at a clean shutdown), a new one is opened and
+whatever still runs is fenced.
+
+The fence stops the node's workloads at the recorded renew deadline at the latest, so a
+resume after that point adopts the claims but restarts the atServers (same token).
+
+The leases contract has no ``resume_session`` yet (requested in /tmp/findings/leases.md);
+until it has, this module builds the backend's session class around the recorded id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from leases.base import Backend, Clock, Session, Timing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What identifies a node's session on its DCS."""
+
+    backend: str
+    prefix: str
+    node: str
+    session_id: str
+
+
+def save_record(path: Path, rec: SessionRecord) -> None:
+    """Atomically write the record (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec.__dict__))
+    os.replace(tmp, path)
+
+
+def load_record(path: Path) -> SessionRecord | None:
+    """The record, or ``None`` when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return SessionRecord(
+            backend=str(data["backend"]),
+            prefix=str(data["prefix"]),
+            node=str(data["node"]),
+            session_id=str(data["session_id"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def forget_record(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def resume_session(
+    backend: Backend, node: str, timing: Timing, session_id: str
+) -> Session | None:
+    """Re-attach to a live session by id: ``None`` if the DCS says it is gone.
+
+    Raises :class:`leases.base.DCSUnavailable` when the DCS cannot be reached.
+    """
+    from leases.consul import ConsulBackend, ConsulSession
+    from leases.etcd import EtcdBackend, EtcdSession
+
+    backend.validate_timing(timing)
+    clock: Clock = getattr(backend, "clock", time.monotonic)
+    sent = clock()
+    session: EtcdSession | ConsulSession
+    if isinstance(backend, EtcdBackend):
+        try:
+            lease_id = int(session_id, 16)
+        except ValueError:
+            return None
+        session = EtcdSession(backend, node, timing, lease_id=lease_id, granted_sent_at=sent)
+    elif isinstance(backend, ConsulBackend):
+        session = ConsulSession(backend, node, timing, session_id=session_id, granted_sent_at=sent)
+    else:
+        return None
+    alive = await session._renew_once(timing.request_timeout)
+    if not alive:
+        return None
+    session.start()
+    log.info("event=session-resumed id=%s", session_id)
+    return session
