@@ -128,7 +128,9 @@ class DockerRunner:
     def _workload(self, container: Any) -> Workload:
         labels: dict[str, str] = container.labels or {}
         state: dict[str, Any] = container.attrs.get("State", {})
-        running = bool(state.get("Running")) and not state.get("Paused")
+        # A paused (frozen) container still holds its port and data dir: it counts as
+        # RUNNING, like a SIGSTOPped process; probe() reports it unhealthy.
+        running = bool(state.get("Running"))
         started = state.get("StartedAt") or ""
         return Workload(
             atsign=labels.get(LABEL_ATSIGN, ""),
@@ -252,6 +254,8 @@ class DockerRunner:
         was_running = self._workload(container).state is WorkloadState.RUNNING
         try:
             if was_running:
+                if container.attrs.get("State", {}).get("Paused"):
+                    container.unpause()  # a frozen server cannot handle SIGTERM
                 # docker sends SIGTERM (to tini, which forwards it), then SIGKILL after timeout.
                 container.stop(timeout=max(0, math.ceil(timeout)))
             container.remove(force=True)
@@ -285,9 +289,12 @@ class DockerRunner:
         w = self._workload(container)
         if w.state is not WorkloadState.RUNNING:
             return ProbeResult(False, f"{atsign}: container exited with code {w.exit_code}")
-        return await probe_atserver(
+        result = await probe_atserver(
             w.host, w.port, timeout=timeout, ssl_context=self._probe_ssl, expect_atsign=atsign
         )
+        if not result.healthy and container.attrs.get("State", {}).get("Paused"):
+            return ProbeResult(False, f"container is paused: {result.detail}", result.latency_s)
+        return result
 
 
 def _parse_docker_time(text: str) -> float:

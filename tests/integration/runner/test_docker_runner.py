@@ -72,8 +72,15 @@ async def make_docker_runner(
             assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
+LIMITS = ResourceLimits(cpus=0.5, memory_bytes=256 * 1024 * 1024)
+
+
 def docker_spec(
-    runner: DockerRunner, data_dir: Path, token: int, onboarded: Onboarded
+    runner: DockerRunner,
+    data_dir: Path,
+    token: int,
+    onboarded: Onboarded,
+    limits: ResourceLimits = LIMITS,
 ) -> WorkloadSpec:
     return WorkloadSpec(
         atsign=ATSIGN,
@@ -82,7 +89,7 @@ def docker_spec(
         data_dir=data_dir,
         fencing_token=token,
         env={"ATSERVER_PKAM_PUBLIC_KEY": onboarded.pkam_public_key_file.read_text().strip()},
-        limits=ResourceLimits(cpus=0.5, memory_bytes=256 * 1024 * 1024),
+        limits=limits,
     )
 
 
@@ -125,9 +132,18 @@ async def test_container_shape_and_atsdk_round_trip(
     )
     assert read_fence(data) == 70
 
+    # Frozen: still RUNNING (it holds the port and data dir) but the probe fails; stop works.
+    c.pause()
+    frozen = await runner.probe(ATSIGN, timeout=1.0)
+    assert not frozen.healthy and "container is paused" in frozen.detail, frozen
+    assert [x.state for x in await runner.list()] == [WorkloadState.RUNNING]
+    c.unpause()
+    assert (await runner.probe(ATSIGN)).healthy
+    c.pause()
+
     t0 = time.monotonic()
     assert await runner.stop(ATSIGN, timeout=10.0) is True
-    print(f"docker graceful stop: {time.monotonic() - t0:.3f}s")
+    print(f"docker stop of a paused container: {time.monotonic() - t0:.3f}s")
     assert await runner.list() == []
     assert await runner.stop(ATSIGN) is False
     assert not (await runner.probe(ATSIGN)).healthy
@@ -141,9 +157,11 @@ async def test_list_refinds_containers_and_data_follows_the_claim(
 ) -> None:
     data = tmp_path / "data"
     first = make_docker_runner("dk-a")
-    spec = docker_spec(first, data, 80, onboarded)
+    spec = docker_spec(first, data, 80, onboarded, limits=ResourceLimits())
+    t0 = time.monotonic()
     started = await first.start(spec)
     await wait_healthy(first)
+    print(f"docker start -> healthy (no limits): {time.monotonic() - t0:.3f}s")
     put = await onboarded.atsdk.arun("put", spec.host, spec.port, "docker.test", "from-docker")
     assert "error" not in put, put
 
@@ -160,7 +178,9 @@ async def test_list_refinds_containers_and_data_follows_the_claim(
     assert (await again.start(spec)).ident == started.ident  # no second copy
     with pytest.raises(RunnerError, match="already runs with fencing token 80"):
         await again.start(docker_spec(again, data, 81, onboarded))
+    t0 = time.monotonic()
     assert await again.stop(ATSIGN) is True
+    print(f"docker graceful stop: {time.monotonic() - t0:.3f}s")
     assert await first.list() == []
 
     # The claim moves to a process-runner node: same data dir, higher token, data is there.
