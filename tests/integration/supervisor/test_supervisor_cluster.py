@@ -16,6 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
+from testbed.etcd import EtcdCluster
 from tests.integration.supervisor.cluster import REPO_ROOT, Cluster, Node
 from tests.integration.supervisor.conftest import MakeCluster
 
@@ -66,10 +67,13 @@ def assert_fenced_in_time(c: Cluster, victim: Node, moved: dict[str, int]) -> li
     return lateness
 
 
-def test_every_atsign_runs_once_registered_and_passing(make_cluster: MakeCluster) -> None:
-    c = make_cluster("etcd")
+@pytest.mark.parametrize("backend", ["etcd", "consul"])
+def test_every_atsign_runs_once_registered_and_passing(
+    make_cluster: MakeCluster, backend: str
+) -> None:
+    c = make_cluster(backend)
     took = c.wait(c.all_once, 60, "every atSign running once and passing")
-    print(f"\nMEASURE etcd cold start: all 6 atSigns passing after {took:.1f}s")
+    print(f"\nMEASURE {backend} cold start: all 6 atSigns passing after {took:.1f}s")
 
     entries = {e["Service"]["Meta"]["atsign"]: e for e in c.consul_instances()}
     run = c.running()
@@ -280,3 +284,41 @@ def test_restarted_supervisor_adopts_its_running_workloads(make_cluster: MakeClu
     assert not any("started @" in s or "fence " in s for s in said), said
     log = victim.proc.log_path.read_text()
     assert "event=session-resumed" in log
+
+
+def test_etcd_leader_killed_no_atsign_fails_over(
+    make_cluster: MakeCluster, etcd_cluster: EtcdCluster
+) -> None:
+    # The renew deadline (ttl/2) must outlast a leader election (1-3 s measured) plus
+    # one request timeout: ttl 8 gives 4 s.
+    c = make_cluster("etcd", etcd_fixture="etcd_cluster", overrides={"timing.ttl": 8})
+    c.ttl = 8
+    c.wait(c.all_once, 60, "every atSign running once and passing")
+    before = c.running()
+    etcd_cluster.kill_member(etcd_cluster.leader())
+    time.sleep(2 * c.ttl)
+    assert c.running() == before, "an atSign moved or restarted after the etcd leader died"
+    assert c.all_once()
+    assert all(n.fence_log() == [] for n in c.nodes.values())
+
+
+def test_dcs_down_owners_stop_by_deadline_then_everything_runs_once_again(
+    make_cluster: MakeCluster, etcd: EtcdCluster
+) -> None:
+    c = make_cluster("etcd")
+    c.wait(c.all_once, 60, "every atSign running once and passing")
+    etcd.freeze()
+    frozen = time.monotonic()
+    try:
+        # renew_deadline (ttl/2) after the last renewal, plus the stop budget.
+        took = c.wait(lambda: not c.running(), c.ttl / 2 + stop_budget(c) + 3, "all stopped")
+        assert took <= c.ttl, f"atServers ran {took:.1f}s into a DCS outage (ttl {c.ttl:g}s)"
+        print(f"\nMEASURE etcd frozen: every atServer stopped {took:.2f}s after the freeze")
+        time.sleep(max(0.0, frozen + c.ttl + 1 - time.monotonic()))
+        assert not c.running(), "something started while the DCS was down"
+    finally:
+        etcd.thaw()
+    took = c.wait(c.all_once, 2 * c.ttl + 30, "everything running once again")
+    print(f"MEASURE etcd thawed: all atSigns passing again after {took:.1f}s")
+    said = [s for n in c.nodes.values() for s in n.sentences()]
+    assert any("self-fencing" in s for s in said)
