@@ -27,7 +27,18 @@ from rich.table import Table
 from leases.base import normalize_atsign
 from supervisor.config import ConfigError, SupervisorConfig, load_config
 
-app = typer.Typer(help="Per-node failover supervisor for atServers.", no_args_is_help=True)
+app = typer.Typer(
+    help=(
+        "Per-node failover supervisor for atServers: together the nodes keep every atSign of "
+        "the inventory running exactly once (claims on etcd or Consul, fencing tokens, Consul "
+        "registration).\n\n"
+        "Every command reads the node's YAML file (--config or $SUPERVISOR_CONFIG); fields can "
+        "be overridden with SUPERVISOR__SECTION__FIELD=value. Exit codes: 0 ok, 1 the "
+        "operation failed or timed out, 2 bad configuration or arguments. See docs/supervisor.md."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def _err(message: str) -> None:
@@ -35,7 +46,15 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's YAML file")]
+def _fail(message: str, code: int = 1) -> int:
+    _err(message)
+    return code
+
+
+ConfigOpt = Annotated[
+    Path,
+    typer.Option("--config", "-c", envvar="SUPERVISOR_CONFIG", help="the node's YAML file"),
+]
 
 
 class JSONFormatter(logging.Formatter):
@@ -108,8 +127,6 @@ async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
     from supervisor.wiring import build_backend, build_registrar, build_runner
 
     log = logging.getLogger("supervisor")
-    fence = _start_fence(cfg, config_path)
-    log.info("event=fence-started pid=%d", fence.pid)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +147,16 @@ async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
     )
     sup = Supervisor(cfg, backend=backend, runner=runner, registrar=registrar, metrics=metrics)
     holder["sup"] = sup
-    api = await start_api(build_app(sup, metrics), cfg.http.host, cfg.http.port)
+    try:
+        api = await start_api(build_app(sup, metrics), cfg.http.host, cfg.http.port)
+    except OSError as exc:
+        await registrar.close()
+        await backend.close()
+        message = f"{config_path}: http.listen: cannot listen on {cfg.http.listen}: {exc.strerror}"
+        raise typer.Exit(_fail(message)) from None
+    # The fence starts before anything can run, and outlives us if we are killed.
+    fence = _start_fence(cfg, config_path)
+    log.info("event=fence-started pid=%d", fence.pid)
     log.info("event=started node=%s api=%s", cfg.node.name, sup.api_url)
     try:
         await sup.run(stop)
@@ -273,7 +299,10 @@ def handoff(
     config: ConfigOpt,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 120.0,
 ) -> None:
-    """Hand one atSign off to a standby now (planned: stop, deregister, release)."""
+    """Hand one atSign off to a standby now (planned: stop, deregister, release).
+
+    Give the config of the node that holds the atSign; it waits until another node serves it.
+    """
     cfg = _load(config)
     try:
         name = normalize_atsign(atsign)

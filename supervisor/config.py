@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,20 @@ class TLSFiles(_Model):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} file {path} does not exist")
+        # Load them now, so a wrong file is a config error and not a traceback later.
+        try:
+            if self.ca is not None:
+                ssl.create_default_context(cafile=str(self.ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"ca file {self.ca} holds no usable certificate: {exc}") from None
+        try:
+            if self.cert is not None and self.key is not None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(str(self.cert), str(self.key))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"cert {self.cert} and key {self.key} are not a usable pair: {exc}"
+            ) from None
         return self
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from supervisor.cli import app
 from supervisor.config import ConfigError, load_config
+from testbed.tls import CertPair, TestCA
 
 BASE: dict[str, Any] = {
     "node": {"name": "a1", "cloud": "A", "zone": "a-1", "address": "127.0.0.1"},
@@ -175,13 +176,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "name", ["node-etcd-process.yaml", "node-consul-process.yaml", "node-docker.yaml"]
 )
-def test_example_configs_load(tmp_path: Path, name: str) -> None:
-    for f in ("ca.pem", "cert.pem", "key.pem"):
-        (tmp_path / f).write_text("x")
+def test_example_configs_load(test_ca: TestCA, server_cert: CertPair, name: str) -> None:
     env = {
-        "SUPERVISOR__RUNNER__TLS__CA": str(tmp_path / "ca.pem"),
-        "SUPERVISOR__RUNNER__TLS__CERT": str(tmp_path / "cert.pem"),
-        "SUPERVISOR__RUNNER__TLS__KEY": str(tmp_path / "key.pem"),
+        "SUPERVISOR__RUNNER__TLS__CA": str(test_ca.cert_path),
+        "SUPERVISOR__RUNNER__TLS__CERT": str(server_cert.cert),
+        "SUPERVISOR__RUNNER__TLS__KEY": str(server_cert.key),
     }
     cfg = load_config(REPO / "configs" / name, env=env)
     assert len(cfg.inventory.atsigns) == 6
@@ -193,3 +192,13 @@ def test_run_with_a_bad_config_exits_2_naming_file_and_field(tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["run", "--config", str(path)])
     assert result.exit_code == 2
     assert f"{path}: runner.port_range:" in result.output
+
+
+def test_unusable_tls_files_are_config_errors(tmp_path: Path, server_cert: CertPair) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    path = write(tmp_path, with_(runner__tls={"ca": "ca.pem"}))
+    with pytest.raises(ConfigError, match=r"runner\.tls: ca file .* holds no usable"):
+        load_config(path, env={})
+    path = write(tmp_path, with_(runner__tls={"cert": str(server_cert.cert), "key": "ca.pem"}))
+    with pytest.raises(ConfigError, match=r"runner\.tls: cert .* are not a usable pair"):
+        load_config(path, env={})
