@@ -1,4 +1,4 @@
-"""A real Consul dev agent (``consul agent -dev``) on loopback ports."""
+"""A real Consul agent on loopback ports: a dev agent, or a one-server agent with a data dir."""
 
 from __future__ import annotations
 
@@ -26,12 +26,26 @@ def consul_binary() -> str:
 
 
 class ConsulAgent:
-    """One dev-mode agent (server + client in one process, in-memory state)."""
+    """One agent that is server and client in one process.
 
-    def __init__(self, base_dir: Path, *, host: str = "127.0.0.1", name: str = "consul") -> None:
+    ``persistent=False`` (default) runs ``-dev``: in-memory state, lost on restart.
+    ``persistent=True`` runs a single server with a data dir, so a restart keeps KV, sessions
+    and the Raft index (as a real Consul server cluster does); it takes a few seconds longer
+    to elect itself.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        name: str = "consul",
+        persistent: bool = False,
+    ) -> None:
         self.base_dir = base_dir
         self.host = host
         self.name = name
+        self.persistent = persistent
         self.http_port = free_port(host)
         self.dns_port = free_port(host)
         self.serf_lan_port = free_port(host)
@@ -50,8 +64,14 @@ class ConsulAgent:
             f"serf_lan = {self.serf_lan_port}, serf_wan = {self.serf_wan_port}, "
             f"server = {self.server_port}, grpc = {self.grpc_port} }}"
         )
+        if self.persistent:
+            data_dir = self.base_dir / f"{self.name}-data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            mode = ["-server", "-bootstrap-expect=1", "-ui", "-data-dir", str(data_dir)]
+        else:
+            mode = ["-dev"]
         return [
-            consul_binary(), "agent", "-dev",
+            consul_binary(), "agent", *mode,
             "-node", self.name,
             "-bind", self.host, "-client", self.host,
             "-hcl", ports,
@@ -75,7 +95,7 @@ class ConsulAgent:
         wait_until(self.ready, timeout, what=f"Consul agent at {self.url}")
 
     def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again (dev mode: all state is lost, as after a crash)."""
+        """Stop and start again (dev mode loses all state; persistent mode keeps it)."""
         self.stop()
         self.start(timeout)
 
