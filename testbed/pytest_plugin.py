@@ -46,46 +46,46 @@ def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")
 
 
-@pytest.fixture(scope="session")
-def _etcd_single(servers_dir: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(servers_dir / "etcd", size=1, name="etcd")
+def _running_cluster(base_dir: Path, size: int, name: str) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(base_dir, size=size, name=name)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+def _heal(cluster: EtcdCluster, request: pytest.FixtureRequest, what: str) -> None:
+    """Thaw and restart whatever a test froze or killed, so the next test finds it whole."""
+    cluster.thaw()
+    for m in cluster.members:
+        if m.process is not None and not m.process.running():
+            cluster.restart_member(m)
+    _dump_on_failure(request, what, cluster)
+
+
+@pytest.fixture(scope="session")
+def _etcd_single(servers_dir: Path) -> Iterator[EtcdCluster]:
+    yield from _running_cluster(servers_dir / "etcd", 1, "etcd")
 
 
 @pytest.fixture
 def etcd(_etcd_single: EtcdCluster, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
     """A single real etcd server (session-wide); thawed and running again after each test."""
     yield _etcd_single
-    _etcd_single.thaw()
-    for m in _etcd_single.members:
-        if m.process is not None and not m.process.running():
-            _etcd_single.restart_member(m)
-    _dump_on_failure(request, "etcd", _etcd_single)
+    _heal(_etcd_single, request, "etcd")
 
 
 @pytest.fixture(scope="session")
 def _etcd_three(servers_dir: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(servers_dir / "etcd3", size=3, name="member")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _running_cluster(servers_dir / "etcd3", 3, "member")
 
 
 @pytest.fixture
 def etcd_cluster(_etcd_three: EtcdCluster, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster; ``kill_member``/``restart_member``; all members back after."""
     yield _etcd_three
-    _etcd_three.thaw()
-    for m in _etcd_three.members:
-        if m.process is not None and not m.process.running():
-            _etcd_three.restart_member(m)
-    _dump_on_failure(request, "etcd cluster", _etcd_three)
+    _heal(_etcd_three, request, "etcd cluster")
 
 
 @pytest.fixture(scope="session")
