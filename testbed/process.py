@@ -10,6 +10,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 
 class ManagedProcess:
     """Runs ``argv`` in its own process group with output to ``log_path``.
@@ -120,3 +122,15 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05, what: 
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}: last error {last_exc!r}")
+
+
+def pid_alive(pid: int, create_time: float | None = None) -> bool:
+    """Whether ``pid`` runs and is not a zombie; with ``create_time``, also that it is that same
+    process (not a later one that reused the PID)."""
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.05:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
