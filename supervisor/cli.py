@@ -38,6 +38,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # rich tracebacks print locals, which may hold secrets
 )
 
 
@@ -131,9 +132,12 @@ async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    backend = build_backend(cfg)
-    runner = build_runner(cfg)
-    registrar = build_registrar(cfg)
+    try:
+        backend = build_backend(cfg)
+        runner = build_runner(cfg)
+        registrar = build_registrar(cfg)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise typer.Exit(_fail(f"{config_path}: cannot set up the node: {exc}")) from None
     registry = CollectorRegistry()
     holder: dict[str, Supervisor] = {}
     metrics = SupervisorMetrics(

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from atserver_runner.base import Runner, Workload, WorkloadSpec, WorkloadState
+from atserver_runner.devserver.server import EXIT_FENCED_AT_START
 from leases.base import (
     Backend,
     Claim,
@@ -89,6 +90,8 @@ class State:
     draining: bool = False
     handoffs: set[str] = field(default_factory=set)
     excluded: dict[str, float] = field(default_factory=dict)
+    stale_tokens: dict[str, int] = field(default_factory=dict)
+    """atSign -> the last token its data directory refused (shown in /status)."""
     failback_asked: dict[str, float] = field(default_factory=dict)
     in_flight: dict[str, HandoffReport] = field(default_factory=dict)
     reports: list[HandoffReport] = field(default_factory=list)
@@ -562,7 +565,13 @@ class Supervisor:
             await self._register(atsign, claim, w)
         except RegistrationError as exc:
             log.warning("event=register-failed atsign=%s error=%s", atsign, exc)
-        healthy = await self._first_probe(atsign)
+        healthy, exit_code = await self._first_probe(atsign)
+        if exit_code == EXIT_FENCED_AT_START:
+            return await self._stale_token(atsign, claim)
+        if exit_code is not None:
+            return (
+                f"{atsign} exited with code {exit_code} right after its start (token {claim.token})"
+            )
         vac = snap.vacancies.get(atsign)
         if healthy and vac is not None and self.metrics is not None:
             self.metrics.failover_seconds.observe(self.clock() - vac.since)
@@ -582,14 +591,48 @@ class Supervisor:
             )
         )
 
-    async def _first_probe(self, atsign: str) -> bool:
-        """Probe until the new atServer answers (bounded), then pass its checks at once."""
+    async def _first_probe(self, atsign: str) -> tuple[bool, int | None]:
+        """Probe until the new atServer answers (bounded), then pass its checks at once.
+
+        Returns (healthy, exit code if the workload already exited): an atServer that exits
+        at once does not hold the cycle for the whole ``runner.start_timeout``.
+        """
         deadline = self.clock() + self.cfg.runner.start_timeout
         while self.clock() < deadline:
             if await self._probe_one(atsign):
-                return True
+                return True, None
+            found = [w for w in await self.runner.list() if w.atsign == atsign]
+            if not found or found[0].state is not WorkloadState.RUNNING:
+                code = found[0].exit_code if found else None
+                return False, code if code is not None else -1
             await asyncio.sleep(0.1)
-        return False
+        return False, None
+
+    async def _stale_token(self, atsign: str, claim: Claim) -> str:
+        """The data directory holds a higher token than our claim (the DCS lost its history,
+        e.g. a Consul restart in dev mode): release, and claim again after a pause, which
+        yields a fresh (higher) token; never retry the same token."""
+        await self._deregister(atsign, self.cfg.consul.request_timeout)
+        await self.runner.stop(atsign, timeout=self.cfg.runner.stop_timeout)
+        self.state.workloads.pop(atsign, None)
+        released = False
+        with contextlib.suppress(LeaseError, TimeoutError):
+            released = await self._release(claim)
+        pause = max(1.0, self.timing.renew_interval)
+        self.state.excluded[atsign] = self.clock() + pause
+        self.state.stale_tokens[atsign] = claim.token
+        log.error(
+            "event=stale-fencing-token atsign=%s token=%d released=%s "
+            "detail='the data directory holds a higher token; re-claiming in %.1fs'",
+            atsign,
+            claim.token,
+            released,
+            pause,
+        )
+        return (
+            f"{atsign} refused token {claim.token} (its data directory holds a higher one): "
+            f"released the claim, re-claiming in {pause:g}s for a fresh token"
+        )
 
     async def _probe_one(self, atsign: str) -> bool:
         try:
@@ -747,6 +790,7 @@ class Supervisor:
             "workloads": workloads,
             "handoffs_in_flight": [r.to_json() for r in self.state.in_flight.values()],
             "handoff_reports": [r.to_json() for r in self.state.reports],
+            "stale_tokens_refused": dict(self.state.stale_tokens),
             "last_cycle": self.state.last_sentence,
             "cycles": self.state.cycles,
         }
