@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -276,7 +276,7 @@ def check(
     faults: Sequence[FaultRecord],
     ops: Sequence[OpRecord],
     lost: Sequence[dict[str, str]] = (),
-    unreadable_atsigns: Sequence[str] = (),
+    unreadable_atsigns: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Every check above over one history."""
     violations = check_overlap(instances) + check_token_order(instances)
@@ -289,10 +289,8 @@ def check(
                 f"{w['key']} was acknowledged as {w['value']!r} but reads {w['read']!r}",
             )
         )
-    for a in unreadable_atsigns:
-        violations.append(
-            Violation("lost-write", a, "acknowledged writes could not be read back at the end")
-        )
+    for a, why in (unreadable_atsigns or {}).items():
+        violations.append(Violation("lost-write", a, f"could not read back at the end: {why}"))
     outcomes, more = fault_outcomes(faults, ops)
     violations += more
     acked = sum(1 for op in ops if op.op == "write" and op.ok)

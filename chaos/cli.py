@@ -74,7 +74,7 @@ def run(
     from chaos.faults import kinds_for
     from chaos.run import RunOptions, run_chaos
 
-    valid = kinds_for(backend, partition=True)
+    valid = kinds_for(backend, partition=True, opt_in=True)
     for k in kind or []:
         if k not in valid:
             raise typer.BadParameter(f"{k!r} is not a fault kind for {backend}: {list(valid)}")

@@ -32,6 +32,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from chaos.partition import RelayHost
 from testbed.consul import ConsulAgent
 from testbed.etcd import EtcdCluster, EtcdMember
 from testbed.ports import free_port
@@ -65,6 +66,8 @@ class ClusterSpec:
     consul_lock_delay: float = 1.0
     prefix: str = "chaos"
     start_timeout: float = 90.0
+    dcs_relays: bool = False
+    """Route each node's DCS traffic through harness relays, so it can be partitioned."""
 
     @property
     def effective_ttl(self) -> float:
@@ -256,6 +259,8 @@ class Cluster:
         self.directory_metrics_port = free_port()
         self.directory: ManagedProcess | None = None
         self.nodes: list[Node] = []
+        self.relays: RelayHost | None = None
+        self._node_dcs: dict[str, list[int]] = {}
         self.prefix = f"{spec.prefix}-{os.getpid()}-{int(time.time())}"
 
     # --- set-up ------------------------------------------------------------------------------
@@ -334,11 +339,14 @@ class Cluster:
         state_dir = self.base / "nodes" / name
         low = 20000 + index * PORTS_PER_NODE + (os.getpid() % 50) * 10
         dcs: dict[str, Any] = {"backend": spec.backend, "prefix": self.prefix}
+        relayed = self._node_dcs.get(name)
         if spec.backend == "etcd":
             assert self.etcd is not None
-            dcs["etcd"] = {"endpoints": self.etcd.endpoints}
+            endpoints = [f"127.0.0.1:{p}" for p in relayed] if relayed else self.etcd.endpoints
+            dcs["etcd"] = {"endpoints": endpoints}
         else:
-            dcs["consul"] = {"url": self.consul.url, "lock_delay": spec.consul_lock_delay}
+            url = f"http://127.0.0.1:{relayed[0]}" if relayed else self.consul.url
+            dcs["consul"] = {"url": url, "lock_delay": spec.consul_lock_delay}
         runner: dict[str, Any] = {
             "kind": spec.runner,
             "port_range": [low, low + PORTS_PER_NODE - 1],
@@ -372,6 +380,28 @@ class Cluster:
                 "atsigns": [{"atsign": a.atsign} for a in self.atsigns],
             },
         }
+
+    def _make_relays(self) -> None:
+        self.relays = RelayHost()
+        for name, _ in self._node_names():
+            if self.spec.backend == "etcd":
+                assert self.etcd is not None
+                ports = [m.client_port for m in self.etcd.members]
+            else:
+                ports = [self.consul.http_port]
+            self._node_dcs[name] = [self.relays.add(name, p) for p in ports]
+
+    def partition(self, node: str) -> float:
+        """Cut ``node`` off the DCS (its relays go silent); returns the wall time."""
+        if self.relays is None:
+            raise ClusterError("this cluster was started without dcs_relays: cannot partition")
+        self.relays.cut(node)
+        return time.time()
+
+    def heal_partition(self, node: str) -> float:
+        assert self.relays is not None
+        self.relays.heal(node)
+        return time.time()
 
     def _make_nodes(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -422,6 +452,8 @@ class Cluster:
             self.base / "logs" / "directory.log",
         )  # fmt: skip
         self.directory.start()
+        if spec.dcs_relays:
+            self._make_relays()
         self._make_nodes()
         for node in self.nodes:
             node.start()
@@ -525,6 +557,8 @@ class Cluster:
             node.reap()
         if self.directory is not None:
             self.directory.stop()
+        if self.relays is not None:
+            self.relays.stop()
         if self.etcd is not None:
             self.etcd.stop()
         self.consul.stop()

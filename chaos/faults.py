@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,29 +19,34 @@ from chaos.checker import FaultRecord
 from chaos.cluster import Cluster
 
 ETCD_KINDS = ("kill-etcd-member", "kill-etcd-leader", "freeze-etcd-member", "freeze-etcd-leader")
-COMMON_KINDS = (
-    "kill-supervisor",
-    "kill-node",
-    "pause-supervisor",
-    "crash-workload",
-    "restart-consul",
-)
+COMMON_KINDS = ("kill-supervisor", "kill-node", "pause-supervisor", "crash-workload")
+RESTART_CONSUL = "restart-consul"
 PARTITION_KIND = "partition-node"
 
 
-def kinds_for(backend: str, partition: bool = False) -> tuple[str, ...]:
-    kinds = COMMON_KINDS + (ETCD_KINDS if backend == "etcd" else ())
+def kinds_for(backend: str, partition: bool = False, opt_in: bool = False) -> tuple[str, ...]:
+    """The fault kinds of a backend's default schedule (``opt_in``: also the ones that must
+    be asked for by name).
+
+    ``restart-consul`` restarts the local dev agent, which loses all its state. With the etcd
+    backend that is what a production node's Consul agent restart does to registrations.
+    With the Consul backend it also wipes the DCS (claims and the KV index that fencing
+    tokens come from), which a production Consul server cluster never does; it is opt-in
+    there (``--kind restart-consul``), see docs/chaos.md.
+    """
+    kinds: tuple[str, ...] = COMMON_KINDS
+    if backend == "etcd":
+        kinds += (*ETCD_KINDS, RESTART_CONSUL)
+    elif opt_in:
+        kinds += (RESTART_CONSUL,)
     return kinds + ((PARTITION_KIND,) if partition else ())
 
 
-def partition_unavailable_reason() -> str | None:
-    """Why network-namespace partitions cannot run here (``None`` if they can)."""
-    if shutil.which("ip") is None:
-        return "the 'ip' command (iproute2) is not installed"
-    return (
-        "not implemented yet: the nodes share the host's loopback, and moving a supervisor "
-        "and its atServers into a namespace needs per-node addresses (see docs/chaos.md)"
-    )
+def partition_unavailable_reason(cluster: Cluster) -> str | None:
+    """Why ``partition-node`` cannot run on ``cluster`` (``None`` if it can)."""
+    if not cluster.spec.dcs_relays:
+        return "the cluster was started without DCS relays (ClusterSpec.dcs_relays)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
             await asyncio.to_thread(node.thaw)
         else:
             await asyncio.to_thread(node.start)
+    elif kind == PARTITION_KIND:
+        await asyncio.to_thread(cluster.partition, name)
+        await _sleep_ttls(cluster, fault.hold_ttls)
+        await asyncio.to_thread(cluster.heal_partition, name)
+        detail = "DCS relays of the node silenced, then its connections dropped"
     elif kind == "crash-workload":
         for node in cluster.nodes:
             crashed = await asyncio.to_thread(node.crash_workload, name)

@@ -40,6 +40,8 @@ class RunOptions:
     kinds: tuple[str, ...] = ()
     """Restrict to these fault kinds (default: all that apply to the backend)."""
     client_interval: float = 0.25
+    partitions: bool = True
+    """Route DCS traffic through relays so ``partition-node`` can run."""
 
 
 @dataclass
@@ -57,8 +59,10 @@ def steady_bound(cluster: Cluster) -> float:
 
 
 async def wait_steady(cluster: Cluster, client: WorkloadClient, since: float, bound: float) -> bool:
-    """Every node ready and every atSign with a write acknowledged after ``since``."""
-    end = time.monotonic() + bound
+    """Every node ready and every atSign with a write acknowledged after ``since`` + one ttl
+    (so the consequences of the last fault, such as a self-fence, have shown)."""
+    since += cluster.ttl
+    end = time.monotonic() + bound + cluster.ttl
     wanted = {a.atsign for a in cluster.atsigns}
     while time.monotonic() < end:
         served = {r.atsign for r in client.records if r.op == "write" and r.ok and r.start > since}
@@ -75,20 +79,21 @@ async def wait_steady(cluster: Cluster, client: WorkloadClient, since: float, bo
 async def _campaign(opts: RunOptions) -> RunResult:
     report_dir = opts.report_dir.resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
-    kinds = opts.kinds or kinds_for(opts.backend)
-    skipped: dict[str, str] = {}
-    reason = partition_unavailable_reason()
-    if reason:
-        skipped["partition-node"] = reason
-    kinds = tuple(k for k in kinds if k not in skipped)
     spec = ClusterSpec(
         base_dir=report_dir / "cluster",
         backend=opts.backend,  # type: ignore[arg-type]
         nodes=opts.nodes,
         atsigns=opts.atsigns,
         ttl=opts.ttl,
+        dcs_relays=opts.partitions,
     )
     cluster = Cluster(spec)
+    kinds = opts.kinds or kinds_for(opts.backend, partition=opts.partitions)
+    skipped: dict[str, str] = {}
+    reason = partition_unavailable_reason(cluster)
+    if reason:
+        skipped["partition-node"] = reason
+    kinds = tuple(k for k in kinds if k not in skipped)
     plan = schedule(opts.seed, opts.faults, kinds)
     t_begin = time.time()
     mono_begin = time.monotonic()
@@ -106,7 +111,7 @@ async def _campaign(opts: RunOptions) -> RunResult:
         )
         client.start()
         bound = steady_bound(cluster)
-        if not await wait_steady(cluster, client, t_begin, bound):
+        if not await wait_steady(cluster, client, t_begin - cluster.ttl, bound):
             raise ClusterError(f"not every atSign served a write within {bound:g}s of start")
         since = time.time()
         for k, pf in enumerate(plan, 1):

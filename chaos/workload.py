@@ -46,7 +46,8 @@ class VerifyResult:
 
     checked: int
     lost: list[dict[str, str]]
-    unreadable_atsigns: list[str]
+    unreadable_atsigns: dict[str, str]
+    """atSign -> the last error, for atSigns whose writes could not all be read back."""
 
 
 class WorkloadClient:
@@ -155,12 +156,13 @@ class WorkloadClient:
         for r in self.acknowledged():
             by_atsign.setdefault(r.atsign, []).append(r)
         lost: list[dict[str, str]] = []
-        unreadable: list[str] = []
+        unreadable: dict[str, str] = {}
         end = time.monotonic() + timeout
         for keys in self.atsigns:
             writes = by_atsign.get(keys.atsign, [])
             pending = list(writes)
             conn = AtConnection(keys.atsign, keys.load_private(), self.ssl_ctx, self.op_timeout)
+            last_error = ""
             try:
                 while pending and time.monotonic() < end:
                     try:
@@ -179,13 +181,16 @@ class WorkloadClient:
                                  "read": "" if seen is None else seen}
                             )  # fmt: skip
                         pending.pop(0)
-                    except AtError:
+                    except AtError as exc:
+                        last_error = str(exc)
                         await conn.close()
                         await asyncio.sleep(0.5)
             finally:
                 await conn.close()
             if pending:
-                unreadable.append(keys.atsign)
+                unreadable[keys.atsign] = (
+                    f"{len(pending)} of {len(writes)} not read back; last error: {last_error}"
+                )
         checked = sum(len(v) for v in by_atsign.values())
         return VerifyResult(checked=checked, lost=lost, unreadable_atsigns=unreadable)
 

@@ -68,7 +68,7 @@ def test_ack_from_superseded_server_is_flagged() -> None:
 
 def test_lost_and_unreadable_writes_are_flagged() -> None:
     lost = [{"atsign": "@a", "key": "k1", "value": "v1", "read": ""}]
-    verdict = check([], [], [w("@a", 1.0)], lost, ["@b"])
+    verdict = check([], [], [w("@a", 1.0)], lost, {"@b": "timed out"})
     assert [v.check for v in verdict.violations] == ["lost-write", "lost-write"]
     assert verdict.lost_writes == 1
 
