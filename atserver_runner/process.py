@@ -5,6 +5,9 @@ outlives the supervisor that started it and a stop signals exactly its group. It
 goes to ``<state_dir>/logs/<atsign>.log``; ``<state_dir>/<atsign>.json`` records the PID
 together with the process's create time, so :meth:`ProcessRunner.list` finds workloads
 again after a supervisor restart and never mistakes a recycled PID for one of them.
+That file is first written *before* the process is spawned, with a nonce that is also put
+in the process's environment: if the supervisor dies between spawning and recording the
+PID, the next ``list()`` (e.g. by the fence) still finds the process through the nonce.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import ssl
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,10 @@ from atserver_runner.base import ProbeResult, RunnerError, Workload, WorkloadSpe
 from atserver_runner.probe import probe_atserver, probe_ssl_context
 
 CREATE_TIME_TOLERANCE_S = 0.05
+EXIT_STATUS_WAIT_S = 1.0
+ADOPT_SLACK_S = 5.0
+NONCE_ENV = "ATFAILOVER_WORKLOAD_NONCE"
+"""Set in every workload's environment to the nonce of its pid file (see ``_adopt``)."""
 
 
 def safe_name(atsign: str) -> str:
@@ -50,6 +58,13 @@ class _PidRecord:
     host: str
     port: int
     argv: list[str]
+    nonce: str = ""
+    """Unique per start; also in the workload's environment (``NONCE_ENV``)."""
+
+    @property
+    def pending(self) -> bool:
+        """Written before the process was spawned; the PID is not known yet."""
+        return self.pid <= 0
 
     @classmethod
     def load(cls, path: Path) -> _PidRecord:
@@ -63,6 +78,7 @@ class _PidRecord:
             host=str(raw["host"]),
             port=int(raw["port"]),
             argv=[str(a) for a in raw.get("argv", [])],
+            nonce=str(raw.get("nonce", "")),
         )
 
 
@@ -99,8 +115,32 @@ class ProcessRunner:
 
     # --- finding -----------------------------------------------------------------------------
 
+    def _adopt(self, rec: _PidRecord) -> _PidRecord:
+        """Complete a pending record (the runner that wrote it died between spawning the
+        process and recording its PID) by finding the process whose environment carries the
+        record's nonce among processes created since the record was written."""
+        if not rec.pending or not rec.nonce:
+            return rec
+        for proc in psutil.process_iter(["pid", "create_time"]):
+            created = float(proc.info.get("create_time") or 0.0)
+            # psutil derives create times from a boot time in whole seconds: compare loosely
+            # (the nonce is what identifies the process; this only skips older ones).
+            if created < rec.create_time - ADOPT_SLACK_S:
+                continue
+            try:
+                if proc.environ().get(NONCE_ENV) != rec.nonce:
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            found = _PidRecord(**{**rec.__dict__, "pid": proc.pid, "create_time": created})
+            _write_atomic(self.pid_file(rec.atsign), json.dumps(found.__dict__))
+            return found
+        return rec
+
     def _alive(self, rec: _PidRecord) -> bool:
         """The recorded process is running, is the one we started, and is not a zombie."""
+        if rec.pending:
+            return False
         child = self._children.get(rec.pid)
         if child is not None and child.poll() is not None:
             return False
@@ -115,6 +155,11 @@ class ProcessRunner:
     def _workload(self, rec: _PidRecord) -> Workload:
         alive = self._alive(rec)
         child = self._children.get(rec.pid)
+        if not alive and child is not None and child.poll() is None:
+            # A zombie leader whose other threads are still exiting: not reapable for a
+            # moment yet, but its exit status is about to be known.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=EXIT_STATUS_WAIT_S)
         return Workload(
             atsign=rec.atsign,
             node=rec.node,
@@ -130,7 +175,7 @@ class ProcessRunner:
     def _read(self, atsign: str) -> _PidRecord | None:
         path = self.pid_file(atsign)
         try:
-            return _PidRecord.load(path)
+            return self._adopt(_PidRecord.load(path))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
@@ -140,7 +185,7 @@ class ProcessRunner:
         out: list[Workload] = []
         for path in sorted(self.state_dir.glob("*.json")):
             try:
-                rec = _PidRecord.load(path)
+                rec = self._adopt(_PidRecord.load(path))
             except (ValueError, KeyError, TypeError, FileNotFoundError):
                 continue  # not ours, or removed meanwhile
             if rec.node == self.node:
@@ -168,7 +213,23 @@ class ProcessRunner:
                 f"{spec.atsign}: WorkloadSpec.command is empty; ProcessRunner needs an argv"
             )
         spec.data_dir.mkdir(parents=True, exist_ok=True)
+        nonce = uuid.uuid4().hex
         env = {**os.environ, **spec.env} if self.inherit_env else dict(spec.env)
+        env[NONCE_ENV] = nonce
+        intent = _PidRecord(
+            atsign=spec.atsign,
+            node=self.node,
+            pid=0,
+            create_time=time.time(),
+            fencing_token=spec.fencing_token,
+            host=spec.host,
+            port=spec.port,
+            argv=list(spec.command),
+            nonce=nonce,
+        )
+        # Recorded before spawning: if this process dies right after Popen, list() still
+        # finds the workload (by the nonce in its environment) and the fence can stop it.
+        _write_atomic(self.pid_file(spec.atsign), json.dumps(intent.__dict__))
         log_path = self.log_file(spec.atsign)
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -185,22 +246,15 @@ class ProcessRunner:
                     close_fds=True,
                 )
             except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    self.pid_file(spec.atsign).unlink()
                 raise RunnerError(f"{spec.atsign}: cannot run {spec.command[0]!r}: {exc}") from exc
         self._children[child.pid] = child
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = time.time()  # exited already; list() shows it STOPPED
-        rec = _PidRecord(
-            atsign=spec.atsign,
-            node=self.node,
-            pid=child.pid,
-            create_time=create_time,
-            fencing_token=spec.fencing_token,
-            host=spec.host,
-            port=spec.port,
-            argv=list(spec.command),
-        )
+        rec = _PidRecord(**{**intent.__dict__, "pid": child.pid, "create_time": create_time})
         _write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
         return self._workload(rec)
 

@@ -7,8 +7,10 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from atserver_runner.base import Runner, WorkloadSpec, WorkloadState
 from atserver_runner.devserver.fence import read_fence
-from atserver_runner.process import ProcessRunner
+from atserver_runner.process import NONCE_ENV, ProcessRunner
 from tests.integration.runner.conftest import (
     ATSIGN,
     Onboarded,
@@ -281,3 +283,61 @@ async def test_start_error_names_the_atsign(
     missing = WorkloadSpec(ATSIGN, runner.node, 1, tmp_path / "d", 1, command=("/nonexistent/x",))
     with pytest.raises(Exception, match=r"@alice: cannot run '/nonexistent/x'"):
         await runner.start(missing)
+
+
+async def test_workload_spawned_just_before_the_runner_died_is_found_and_stopped(
+    make_process_runner: MakeRunner, tmp_path: Path
+) -> None:
+    """The runner wrote its pending pid file and spawned the process, then was SIGKILLed
+    before recording the PID: a new runner (e.g. the fence) must still find and stop it."""
+    runner = make_process_runner("node-a")
+    nonce = uuid.uuid4().hex
+    pending = {
+        "atsign": ATSIGN,
+        "node": "node-a",
+        "pid": 0,
+        "create_time": time.time(),
+        "fencing_token": 3,
+        "host": "127.0.0.1",
+        "port": 1,
+        "argv": [],
+        "nonce": nonce,
+    }
+    runner.pid_file(ATSIGN).write_text(json.dumps(pending))
+    [before] = await runner.list()
+    assert before.state is WorkloadState.STOPPED  # nothing carries the nonce yet
+
+    orphan = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env={**os.environ, NONCE_ENV: nonce},
+        start_new_session=True,
+    )
+    try:
+        fence_view = ProcessRunner("node-a", runner.state_dir)
+        [found] = await fence_view.list()
+        assert (found.ident, found.state, found.fencing_token) == (
+            f"pid:{orphan.pid}",
+            WorkloadState.RUNNING,
+            3,
+        )
+        assert json.loads(runner.pid_file(ATSIGN).read_text())["pid"] == orphan.pid
+        assert await fence_view.stop(ATSIGN, timeout=5.0) is True
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait(timeout=10)
+
+
+async def test_every_start_records_a_nonce_in_the_environment(
+    make_process_runner: MakeRunner, tmp_path: Path
+) -> None:
+    runner = make_process_runner("node-a")
+    out = tmp_path / "env.txt"
+    code = f"import os, pathlib; pathlib.Path({str(out)!r}).write_text(os.environ[{NONCE_ENV!r}])"
+    spec = WorkloadSpec(
+        ATSIGN, runner.node, 1, tmp_path / "d", 1, command=(sys.executable, "-c", code)
+    )
+    await runner.start(spec)
+    await wait_stopped(runner)
+    assert out.read_text() == json.loads(runner.pid_file(ATSIGN).read_text())["nonce"]
