@@ -102,14 +102,19 @@ class Timing:
 
     @classmethod
     def for_ttl(cls, ttl: float, *, stop_budget: float | None = None) -> Timing:
-        """A sensible table for ``ttl``: renew every ttl/4, deadline at ttl/2."""
+        """A sensible table for ``ttl``: renew every ttl/6, deadline at ttl/2.
+
+        Renewing every ttl/6 with a request timeout of ttl/10 (at most 1 s) leaves
+        room for two scheduled renewals and a few retries before the deadline, so
+        one slow answer does not self-fence the node.
+        """
         budget = stop_budget if stop_budget is not None else min(2.0, ttl / 4)
         return cls(
             ttl=ttl,
-            renew_interval=ttl / 4,
+            renew_interval=ttl / 6,
             renew_deadline=ttl / 2,
             stop_budget=budget,
-            request_timeout=min(1.0, ttl / 5),
+            request_timeout=min(1.0, ttl / 10),
         )
 
 
@@ -269,6 +274,17 @@ class Backend(abc.ABC):
 
         Raises :class:`TimingError` for a timing table the backend cannot honour
         and :class:`DCSUnavailable` if the DCS cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def resume_session(self, node: str, timing: Timing, session_id: str) -> Session | None:
+        """Re-attach to this node's existing session (e.g. after a supervisor restart).
+
+        One renewal of ``session_id``; if the DCS confirms it (with the TTL of
+        ``timing``), returns a running session whose deadline counts from when
+        that renewal was sent. Returns ``None`` when the session is gone, the id
+        is malformed, or its TTL on the DCS differs from ``timing.ttl``. Raises
+        :class:`DCSUnavailable` when the DCS cannot be reached.
         """
 
     @abc.abstractmethod

@@ -9,7 +9,8 @@ is invalidated its keys are deleted.
   ``/v1/session/renew``; a 404 there means the session is gone.
 - Claim: one transaction ``check-not-exists(key)``, ``lock(key, session)``,
   ``get(key)``; the fencing token is the key's ``ModifyIndex`` after the lock.
-- Release: ``DELETE key?cas=<token>`` (no lock-delay: only invalidation sets it).
+- Release: one transaction ``check-index(key, token)``, ``check-session``, ``delete``
+  (no lock-delay: only invalidation sets it).
 - Watch: blocking queries on the claims prefix, diffed into PUT/DELETE; after
   an error or an index that went backwards (agent restarted) a RESYNC.
 
@@ -293,6 +294,32 @@ class ConsulBackend(Backend):
         )
         return session
 
+    async def resume_session(
+        self, node: str, timing: Timing, session_id: str
+    ) -> ConsulSession | None:
+        self.validate_timing(timing)
+        if not node:
+            raise ValueError("node name must not be empty")
+        if not session_id or any(c not in "0123456789abcdef-" for c in session_id.lower()):
+            return None
+        sent = self.clock()
+        session = ConsulSession(self, node, timing, session_id=session_id, granted_sent_at=sent)
+        info = await session._renew_info(timing.request_timeout)
+        if info is None:
+            return None
+        ttl = str(info.get("TTL", ""))
+        if ttl and ttl != _duration(timing.ttl):
+            log.warning(
+                "event=resume_refused backend=consul session=%s ttl=%s expected=%s",
+                session_id,
+                ttl,
+                _duration(timing.ttl),
+            )
+            return None
+        session.start()
+        log.info("event=session_resumed backend=consul node=%s session=%s", node, session_id)
+        return session
+
     async def owner(self, atsign: str) -> Claim | None:
         key = self.layout.claim_key(atsign)
 
@@ -369,12 +396,18 @@ class ConsulSession(RenewingSession):
         return self._session_id
 
     async def _renew_once(self, timeout: float) -> bool:
+        return await self._renew_info(timeout) is not None
+
+    async def _renew_info(self, timeout: float) -> Mapping[str, Any] | None:
+        """One renewal; the session as Consul describes it, or None when it is gone."""
         sid = self._session_id
         try:
-            await self._backend._call("session renew", lambda c: c.session.renew(sid), timeout)
+            info = await self._backend._call(
+                "session renew", lambda c: c.session.renew(sid), timeout
+            )
         except consul.NotFound:
-            return False
-        return True
+            return None
+        return info if isinstance(info, Mapping) else {}
 
     async def _revoke(self, timeout: float) -> None:
         sid = self._session_id
@@ -430,9 +463,16 @@ class ConsulSession(RenewingSession):
             return False
         b = self._backend
         key = b.layout.claim_key(claim.atsign)
-        deleted = await b._call(
-            f"release of {claim.atsign}", lambda c: c.kv.delete(key, cas=claim.token)
-        )
+        # Not ``DELETE ?cas=``: Consul answers true for a CAS delete of a missing key.
+        # ``check-index`` fails unless the key exists with exactly this ModifyIndex
+        # (any later lock or write changes it), so a stale claim deletes nothing.
+        payload: list[dict[str, Any]] = [
+            {"KV": {"Verb": "check-index", "Key": key, "Index": claim.token}},
+            {"KV": {"Verb": "check-session", "Key": key, "Session": self._session_id}},
+            {"KV": {"Verb": "delete", "Key": key}},
+        ]
+        code, _ = await b._txn(payload, f"release of {claim.atsign}")
+        deleted = code == 200
         if deleted:
             log.info(
                 "event=released backend=consul atsign=%s node=%s token=%s",

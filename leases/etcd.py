@@ -180,6 +180,11 @@ class EtcdBackend(Backend):
     def endpoints(self) -> list[str]:
         return [m.address for m in self._members]
 
+    @property
+    def current_endpoint(self) -> str:
+        """The member the next call goes to first (it moves on when a member fails)."""
+        return self._members[self._current].address
+
     # --- timing -------------------------------------------------------------------------
 
     def validate_timing(self, timing: Timing) -> None:
@@ -311,6 +316,33 @@ class EtcdBackend(Backend):
             session.session_id,
             resp.TTL,
         )
+        return session
+
+    async def resume_session(
+        self, node: str, timing: Timing, session_id: str
+    ) -> EtcdSession | None:
+        self.validate_timing(timing)
+        if not node:
+            raise ValueError("node name must not be empty")
+        try:
+            lease_id = int(session_id, 16)
+        except ValueError:
+            return None
+        sent = self.clock()
+        session = EtcdSession(self, node, timing, lease_id=lease_id, granted_sent_at=sent)
+        ttl = await session._keepalive(timing.request_timeout)
+        if ttl <= 0:
+            return None
+        if ttl != int(timing.ttl):
+            log.warning(
+                "event=resume_refused backend=etcd lease=%s ttl=%s expected=%s",
+                session.session_id,
+                ttl,
+                int(timing.ttl),
+            )
+            return None
+        session.start()
+        log.info("event=session_resumed backend=etcd node=%s lease=%s", node, session.session_id)
         return session
 
     async def owner(self, atsign: str) -> Claim | None:
@@ -521,6 +553,10 @@ class EtcdSession(RenewingSession):
         return f"{self.lease_id:x}"
 
     async def _renew_once(self, timeout: float) -> bool:
+        return await self._keepalive(timeout) > 0
+
+    async def _keepalive(self, timeout: float) -> int:
+        """One keepalive round trip; the lease's TTL as etcd answers it (0: gone)."""
         lease_id = self.lease_id
 
         async def keepalive(m: _Member, t: float, md: Metadata) -> Any:
@@ -532,7 +568,7 @@ class EtcdSession(RenewingSession):
             raise DCSUnavailable("keepalive stream closed without an answer")
 
         reply = await self._backend._call("lease keepalive", keepalive, timeout)
-        return int(reply.TTL) > 0
+        return int(reply.TTL)
 
     async def _revoke(self, timeout: float) -> None:
         lease_id = self.lease_id
