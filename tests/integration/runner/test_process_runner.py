@@ -20,6 +20,7 @@ import pytest
 from atserver_runner.base import Runner, WorkloadSpec, WorkloadState
 from atserver_runner.devserver.fence import read_fence
 from atserver_runner.process import NONCE_ENV, ProcessRunner
+from testbed.process import pid_alive
 from tests.integration.runner.conftest import (
     ATSIGN,
     Onboarded,
@@ -70,9 +71,7 @@ async def test_atsdk_pkam_login_put_get_scan_delete(
     t0 = time.monotonic()
     assert await runner.stop(ATSIGN, timeout=10.0) is True
     print(f"process graceful stop: {time.monotonic() - t0:.3f}s")
-    assert not psutil.pid_exists(_pid(started.ident)) or (
-        psutil.Process(_pid(started.ident)).create_time() != started.started_at
-    )
+    assert not pid_alive(_pid(started.ident), started.started_at)
     assert "stopped atsign=@alice exit_code=0" in runner.log_file(ATSIGN).read_text()
     assert await runner.list() == []
     assert await runner.stop(ATSIGN) is False
@@ -178,16 +177,8 @@ async def test_list_refinds_workloads_of_an_earlier_runner_instance(
     assert await make_process_runner("node-b").list() == []
 
     assert await again.stop(ATSIGN) is True
-    assert not _running(_pid(started.ident), started.started_at)
+    assert not pid_alive(_pid(started.ident), started.started_at)
     assert await first.list() == []
-
-
-def _running(pid: int, create_time: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < 0.05 and proc.status() != "zombie"
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_recycled_pid_is_not_mistaken_for_a_workload(make_process_runner: MakeRunner) -> None:
@@ -237,7 +228,7 @@ async def test_stop_kills_a_process_that_ignores_sigterm(
     assert await runner.stop(ATSIGN, timeout=1.0) is True
     took = time.monotonic() - t0
     assert 1.0 <= took < 10.0, took
-    assert not _running(_pid(w.ident), w.started_at)
+    assert not pid_alive(_pid(w.ident), w.started_at)
 
 
 async def test_probe_reports_frozen_and_dead_servers(
