@@ -69,6 +69,8 @@ def parse_args(args: Sequence[str]) -> DevServerConfig:
     )
     ap.add_argument("--fence-poll", type=float, default=float(_env("fence-poll", "1.0") or 0))
     ap.add_argument("--idle-timeout", type=float, default=float(_env("idle-timeout", "600") or 0))
+    ap.add_argument("--max-connections", type=int, default=int(_env("max-connections", "256") or 0))
+    ap.add_argument("--write-timeout", type=float, default=float(_env("write-timeout", "30") or 0))
     ap.add_argument("--log-json", action="store_true", default=_env("log-json") == "1")
     ns = ap.parse_args(list(args))
     for name in ("atsign", "port", "data_dir", "fencing_token", "cert", "key"):
@@ -82,6 +84,11 @@ def parse_args(args: Sequence[str]) -> DevServerConfig:
         ap.error(f"--port: {ns.port} is not a TCP port")
     if ns.fencing_token < 0:
         ap.error(f"--fencing-token: must be >= 0, got {ns.fencing_token}")
+    if ns.max_connections < 1:
+        ap.error(f"--max-connections: must be at least 1, got {ns.max_connections}")
+    for name in ("idle_timeout", "write_timeout", "fence_poll"):
+        if getattr(ns, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')}: must be > 0, got {getattr(ns, name)}")
     if ns.max_line_bytes < 1024:
         ap.error("--max-line-bytes: must be at least 1024")
     for name in ("cert", "key"):
@@ -113,6 +120,8 @@ def parse_args(args: Sequence[str]) -> DevServerConfig:
         max_line_bytes=ns.max_line_bytes,
         fence_poll_s=ns.fence_poll,
         idle_timeout_s=ns.idle_timeout,
+        max_connections=ns.max_connections,
+        write_timeout_s=ns.write_timeout,
         json_logs=ns.log_json,
     )
 

@@ -22,6 +22,7 @@ BUFFER_OVERFLOW = "AT0005"
 SECONDARY_NOT_FOUND = "AT0007"
 UNAUTHORIZED = "AT0009"
 INTERNAL_SERVER_EXCEPTION = "AT0011"
+INBOUND_CONNECTION_LIMIT = "AT0012"
 KEY_NOT_FOUND = "AT0015"
 INVALID_ATKEY = "AT0016"
 ILLEGAL_ARGUMENT = "AT0022"
@@ -34,6 +35,7 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     SECONDARY_NOT_FOUND: "Secondary server not found",
     UNAUTHORIZED: "UnAuthorized client in request",
     INTERNAL_SERVER_EXCEPTION: "Internal server exception",
+    INBOUND_CONNECTION_LIMIT: "Inbound connection limit exceeded",
     KEY_NOT_FOUND: "Key not found",
     INVALID_ATKEY: "Invalid atKey",
     ILLEGAL_ARGUMENT: "Illegal arguments",

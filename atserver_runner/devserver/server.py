@@ -73,6 +73,9 @@ class DevServerConfig:
     max_line_bytes: int = 1024 * 1024
     fence_poll_s: float = 1.0
     idle_timeout_s: float = 600.0
+    max_connections: int = 256
+    write_timeout_s: float = 30.0
+    """A client that does not read its answers for this long is disconnected."""
     json_logs: bool = False
 
 
@@ -452,12 +455,18 @@ class DevServer:
         self._log("stopped", exit_code=self.exit_code)
         return self.exit_code
 
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self.config.write_timeout_s)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= self.config.max_connections:
+            await self._refuse(writer)
+            return
         self._writers.add(writer)
         session = Session(self.backend)
         try:
-            writer.write(b"@")
-            await writer.drain()
+            await self._send(writer, b"@")
             while not self._stopped.is_set():
                 try:
                     raw = await read_line(reader, self.config.idle_timeout_s)
@@ -468,15 +477,13 @@ class DevServer:
                             f"request line longer than {self.config.max_line_bytes} bytes",
                         )
                     )
-                    writer.write(text.encode())
-                    await writer.drain()
+                    await self._send(writer, text.encode())
                     continue
                 if raw is None:
                     break
                 text, close = await session.handle(raw)
                 if text:
-                    writer.write(text.encode())
-                    await writer.drain()
+                    await self._send(writer, text.encode())
                 if self.backend.fenced:
                     self._log("fenced", detail="a write met a higher fencing token")
                     self.stop(EXIT_FENCED_WHILE_RUNNING)
@@ -490,3 +497,20 @@ class DevServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over the connection limit: say so (SDK error format) and hang up."""
+        self._log("connection_refused", reason="max_connections", limit=self.config.max_connections)
+        line = p.error_line(
+            p.INBOUND_CONNECTION_LIMIT,
+            f"{self.config.max_connections} connections are open; try again later",
+        )
+        with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError, OSError):
+            await asyncio.wait_for(self._write_and_close(writer, f"@{line}\n@".encode()), 2.0)
+        writer.close()
+
+    async def _write_and_close(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()

@@ -153,3 +153,34 @@ async def test_missing_key_and_logged_in_prompt(
     out = await onboarded.atsdk.arun("get", host, port, "never.written")
     assert out["error"] == "AtKeyNotFoundException", out
     assert "AT0015" in out["detail"] or "not" in out["detail"].lower(), out
+
+
+async def test_connection_limit_answers_an_error_and_recovers(
+    tmp_path: Path, onboarded: Onboarded, make_process_runner: Callable[[str], ProcessRunner]
+) -> None:
+    runner = make_process_runner("node-a")
+    spec = devserver_spec(
+        runner.node, tmp_path / "data", 1, onboarded, extra=("--max-connections", "2")
+    )
+    await runner.start(spec)
+    await wait_healthy(runner)
+    ctx = tls_client_context(onboarded.atsdk.ca)
+    held = [await RawClient.connect(spec.host, spec.port, ctx) for _ in range(2)]
+    try:
+        reader, writer = await asyncio.open_connection(
+            spec.host, spec.port, ssl=ctx, server_hostname=spec.host
+        )
+        refused = await asyncio.wait_for(reader.read(), 10.0)  # until the server hangs up
+        writer.close()
+        code, text = sdk_error(refused.decode().strip("@\n"))
+        assert code == "AT0012" and "2 connections" in text, refused
+        assert (await held[0].send(b"info:brief")).startswith("data:")
+    finally:
+        for c in held:
+            await c.close()
+    # Once the held connections are gone, clients get in again.
+    for _ in range(100):
+        if (await runner.probe(ATSIGN)).healthy:
+            break
+        await asyncio.sleep(0.05)
+    assert (await runner.probe(ATSIGN)).healthy
