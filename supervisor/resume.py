@@ -11,8 +11,6 @@ whatever still runs is fenced.
 The fence stops the node's workloads at the recorded renew deadline at the latest, so a
 resume after that point adopts the claims but restarts the atServers (same token).
 
-The leases contract has no ``resume_session`` yet (requested in /tmp/findings/leases.md);
-until it has, this module builds the backend's session class around the recorded id.
 """
 
 from __future__ import annotations
@@ -21,11 +19,10 @@ import contextlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from leases.base import Backend, Clock, Session, Timing
+from leases.base import Backend, Session, Timing
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +67,12 @@ def forget_record(path: Path) -> None:
 async def resume_session(
     backend: Backend, node: str, timing: Timing, session_id: str
 ) -> Session | None:
-    """Re-attach to a live session by id: ``None`` if the DCS says it is gone.
+    """Re-attach to a live session by id (:meth:`leases.base.Backend.resume_session`).
 
-    Raises :class:`leases.base.DCSUnavailable` when the DCS cannot be reached.
+    ``None`` if the DCS says it is gone (or it has another TTL); raises
+    :class:`leases.base.DCSUnavailable` when the DCS cannot be reached.
     """
-    from leases.consul import ConsulBackend, ConsulSession
-    from leases.etcd import EtcdBackend, EtcdSession
-
-    backend.validate_timing(timing)
-    clock: Clock = getattr(backend, "clock", time.monotonic)
-    sent = clock()
-    session: EtcdSession | ConsulSession
-    if isinstance(backend, EtcdBackend):
-        try:
-            lease_id = int(session_id, 16)
-        except ValueError:
-            return None
-        session = EtcdSession(backend, node, timing, lease_id=lease_id, granted_sent_at=sent)
-    elif isinstance(backend, ConsulBackend):
-        session = ConsulSession(backend, node, timing, session_id=session_id, granted_sent_at=sent)
-    else:
-        return None
-    alive = await session._renew_once(timing.request_timeout)
-    if not alive:
-        return None
-    session.start()
-    log.info("event=session-resumed id=%s", session_id)
+    session = await backend.resume_session(node, timing, session_id)
+    if session is not None:
+        log.info("event=session-resumed id=%s", session_id)
     return session

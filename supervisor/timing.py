@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 BACKEND_MIN_TTL = {"etcd": 2.0, "consul": 10.0}
 
+ETCD_ELECTION_ALLOWANCE = 3.0
+"""Smallest renew_deadline with several etcd members: an election blocks renewals 1-2 s."""
+
 FENCE_POLL_INTERVAL_MAX = 0.1
 """The fence checks the heartbeat at least this often (seconds)."""
 
@@ -69,6 +72,21 @@ def validate_timing(cfg: SupervisorConfig, file: str) -> Timing:
         timing = build_timing(cfg)
     except TimingError as exc:
         raise ConfigError(file, _field_of(str(exc)), str(exc)) from None
+    members = len(cfg.dcs.etcd.endpoints) if cfg.dcs.etcd is not None else 0
+    if (
+        cfg.dcs.backend == "etcd"
+        and members > 1
+        and timing.renew_deadline < ETCD_ELECTION_ALLOWANCE
+    ):
+        field = "timing.renew_deadline" if cfg.timing.renew_deadline else "timing.ttl"
+        raise ConfigError(
+            file,
+            field,
+            f"with {members} etcd members a leader election (1-2 s) "
+            f"must fit in renew_deadline, which is {timing.renew_deadline:g}s; use "
+            f"renew_deadline >= {ETCD_ELECTION_ALLOWANCE:g}s (ttl >= "
+            f"{2 * ETCD_ELECTION_ALLOWANCE:g}s with the default renew_deadline = ttl/2)",
+        )
     if cfg.timing.probe_interval >= timing.ttl:
         raise ConfigError(
             file,

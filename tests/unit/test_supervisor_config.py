@@ -202,3 +202,11 @@ def test_unusable_tls_files_are_config_errors(tmp_path: Path, server_cert: CertP
     path = write(tmp_path, with_(runner__tls={"cert": str(server_cert.cert), "key": "ca.pem"}))
     with pytest.raises(ConfigError, match=r"runner\.tls: cert .* are not a usable pair"):
         load_config(path, env={})
+
+
+def test_several_etcd_members_need_a_deadline_that_outlasts_an_election(tmp_path: Path) -> None:
+    data = with_(dcs__etcd__endpoints=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+    with pytest.raises(ConfigError, match=r"timing\.ttl: with 3 etcd members a leader election"):
+        load_config(write(tmp_path, data), env={})
+    data["timing"]["ttl"] = 6
+    assert load_config(write(tmp_path, data), env={}).timing.ttl == 6
