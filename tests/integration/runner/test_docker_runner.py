@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -227,3 +228,31 @@ def test_image_build_is_idempotent(docker_client: Any, devserver_image: str) -> 
     labels = docker_client.images.get(devserver_image).attrs["Config"]["Labels"]
     assert labels[image.HASH_LABEL] == again.content_sha256
     assert again.size_bytes < 200 * 1024 * 1024
+
+
+FREEZE_SERVER = """
+import os, signal
+for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) not in (1, os.getpid()):
+        os.kill(int(pid), signal.SIGSTOP)
+"""
+
+
+async def test_stop_kills_a_server_that_ignores_sigterm_after_a_subsecond_grace(
+    make_docker_runner: MakeRunner, docker_client: Any, onboarded: Onboarded, tmp_path: Path
+) -> None:
+    runner = make_docker_runner("dk-a")
+    w = await runner.start(docker_spec(runner, tmp_path / "data", 1, onboarded))
+    await wait_healthy(runner)
+    c = docker_client.containers.get(w.ident)
+    # SIGSTOP the server inside the container (not docker pause): SIGTERM stays pending.
+    python = f"{image.PYTHON_HOME}/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    code, out = c.exec_run([python, "-c", FREEZE_SERVER])
+    assert code == 0, out
+    assert not (await runner.probe(ATSIGN, timeout=1.0)).healthy
+    t0 = time.monotonic()
+    assert await runner.stop(ATSIGN, timeout=0.5) is True
+    took = time.monotonic() - t0
+    print(f"docker stop of a server ignoring SIGTERM (grace 0.5 s): {took:.3f}s")
+    assert 0.5 <= took < 5.0, took
+    assert await runner.list() == []
