@@ -44,7 +44,9 @@ RunnerKind = Literal["process", "docker"]
 
 ETCD_ROLES = ("cloud-a", "cloud-b", "witness")
 CLOUDS = ("cloud-a", "cloud-b")
-DEFAULT_TTL: dict[str, float] = {"etcd": 4.0, "consul": 10.0}
+DEFAULT_TTL: dict[str, float] = {"etcd": 6.0, "consul": 10.0}
+"""etcd: with 3 members a leader election (1-2 s) must fit in renew_deadline = ttl/2 (the
+supervisor's config check); Consul: its minimum session TTL."""
 PORTS_PER_NODE = 200
 
 
@@ -54,7 +56,7 @@ class ClusterError(Exception):
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """What to start. ``ttl`` defaults per backend (etcd 4 s, Consul 10 s, its minimum)."""
+    """What to start. ``ttl`` defaults per backend (etcd 6 s, Consul 10 s, its minimum)."""
 
     base_dir: Path
     backend: Backend = "etcd"

@@ -58,22 +58,31 @@ def steady_bound(cluster: Cluster) -> float:
     return 3 * cluster.ttl + cluster.spec.consul_lock_delay + 30
 
 
-async def wait_steady(cluster: Cluster, client: WorkloadClient, since: float, bound: float) -> bool:
-    """Every node ready and every atSign with a write acknowledged after ``since`` + one ttl
-    (so the consequences of the last fault, such as a self-fence, have shown)."""
+async def wait_steady(
+    cluster: Cluster, client: WorkloadClient, since: float, bound: float
+) -> str | None:
+    """Wait until every node is ready and every atSign acknowledged a write after ``since``
+    + one ttl (so the consequences of the last fault, such as a self-fence, have shown).
+    Returns ``None``, or what was still missing when ``bound`` ran out."""
     since += cluster.ttl
     end = time.monotonic() + bound + cluster.ttl
     wanted = {a.atsign for a in cluster.atsigns}
+    missing = ""
     while time.monotonic() < end:
         served = {r.atsign for r in client.records if r.op == "write" and r.ok and r.start > since}
-        if wanted <= served:
-            statuses = await asyncio.gather(
-                *(asyncio.to_thread(n.status, 1.0) for n in cluster.nodes)
-            )
-            if all(s is not None and s.get("ready") for s in statuses):
-                return True
-        await asyncio.sleep(0.3)
-    return False
+        statuses = await asyncio.gather(*(asyncio.to_thread(n.status, 1.0) for n in cluster.nodes))
+        not_ready = [
+            n.name if n.running() else f"{n.name} (exited {n.process.returncode()})"
+            for n, s in zip(cluster.nodes, statuses, strict=True)
+            if s is None or not s.get("ready")
+        ]
+        if wanted <= served and not not_ready:
+            return None
+        missing = (
+            f"atSigns without a write: {sorted(wanted - served)}; nodes not ready: {not_ready}"
+        )
+        await asyncio.sleep(0.5)
+    return missing
 
 
 async def _campaign(opts: RunOptions) -> RunResult:
@@ -111,12 +120,14 @@ async def _campaign(opts: RunOptions) -> RunResult:
         )
         client.start()
         bound = steady_bound(cluster)
-        if not await wait_steady(cluster, client, t_begin - cluster.ttl, bound):
-            raise ClusterError(f"not every atSign served a write within {bound:g}s of start")
+        missing = await wait_steady(cluster, client, t_begin - cluster.ttl, bound)
+        if missing:
+            raise ClusterError(f"no steady state within {bound:g}s of start: {missing}")
         since = time.time()
         for k, pf in enumerate(plan, 1):
-            if not await wait_steady(cluster, client, since, bound):
-                notes.append(f"before fault {k}: no steady state within {bound:g}s")
+            missing = await wait_steady(cluster, client, since, bound)
+            if missing:
+                notes.append(f"before fault {k}: no steady state within {bound:g}s: {missing}")
                 console.print(f"[yellow]{notes[-1]}[/yellow]")
             rec = await inject(cluster, pf)
             records.append(rec)
@@ -125,8 +136,9 @@ async def _campaign(opts: RunOptions) -> RunResult:
                 f"fault {k}/{len(plan)}: {rec.kind} {rec.target} "
                 f"held {rec.healed - rec.start:.1f}s {rec.detail}"
             )
-        if not await wait_steady(cluster, client, since, bound):
-            notes.append(f"after the last fault: no steady state within {bound:g}s")
+        missing = await wait_steady(cluster, client, since, bound)
+        if missing:
+            notes.append(f"after the last fault: no steady state within {bound:g}s: {missing}")
         await asyncio.sleep(1.0)
         await client.stop()
         verified = await client.verify(timeout=bound)
