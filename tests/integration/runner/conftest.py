@@ -4,6 +4,7 @@ clean up after themselves, and helpers to wait for a dev atServer to serve."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import ssl
@@ -174,7 +175,9 @@ def onboarded(
         finally:
             await _stop_all(runner)
 
-    key = asyncio.run(onboard())
+    # In a thread of its own: asyncio.run() must not meet a running loop of the test session.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        key = pool.submit(asyncio.run, onboard()).result(timeout=180)
     key_file = base / "pkam_public_key.b64"
     key_file.write_text(key)
     yield Onboarded(sdk, key_file, server_cert)
