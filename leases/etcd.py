@@ -252,14 +252,17 @@ class EtcdBackend(Backend):
             remaining = deadline - loop.time()
             if remaining <= 0.005:
                 break
+            # With several members the first try gets half the budget: a dead or frozen
+            # member (TCP open, no answer) must leave time to ask another one in this call.
+            share = remaining / 2 if attempt == 0 and len(self._members) > 1 else remaining
             try:
-                async with asyncio.timeout(remaining):
-                    metadata = await self._metadata(member, remaining)
-                    return await op(member, remaining, metadata)
+                async with asyncio.timeout(share):
+                    metadata = await self._metadata(member, share)
+                    return await op(member, share, metadata)
             except TimeoutError:
-                errors.append(f"{member.address}: no answer within {remaining:.3g}s")
+                errors.append(f"{member.address}: no answer within {share:.3g}s")
                 self._rotate_from(index)
-                break
+                continue
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED and self._username and not reauthed:

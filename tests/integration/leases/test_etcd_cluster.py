@@ -81,6 +81,55 @@ async def test_killing_the_client_member_then_the_leader_keeps_claims(
     await session.close()
 
 
+async def test_a_frozen_member_costs_a_call_part_of_its_deadline_not_all(
+    etcd_cluster: EtcdCluster, backend: EtcdBackend
+) -> None:
+    """The client's member is frozen (a follower): one call moves on to another member."""
+    session = await backend.open_session("n1", TIMING)
+    leader = await asyncio.to_thread(etcd_cluster.leader)
+    follower = next(m for m in etcd_cluster.members if m is not leader)
+    while backend.current_endpoint != follower.endpoint:
+        backend._rotate_from(backend._current)
+    await backend.owners()  # connected: calls on it now hang instead of failing fast
+    assert backend.current_endpoint == follower.endpoint
+    assert follower.process is not None
+    follower.process.freeze()
+    try:
+        started = time.monotonic()
+        claim = await session.claim("@via-another-member", ClaimInfo(node="n1"))
+        assert claim is not None
+        assert time.monotonic() - started < backend.request_timeout + 0.5
+        assert backend.current_endpoint != follower.endpoint
+    finally:
+        follower.process.thaw()
+    await session.close()
+
+
+@pytest.mark.slow
+async def test_a_frozen_leader_is_ridden_through(
+    etcd_cluster: EtcdCluster, backend: EtcdBackend
+) -> None:
+    """SIGSTOP on the leader: TCP stays open but nothing answers until a new election."""
+    session = await backend.open_session("n1", TIMING)
+    first = await session.claim("@kept", ClaimInfo(node="n1"))
+    assert first is not None
+    leader = await asyncio.to_thread(etcd_cluster.leader)
+    # Make the client talk to the leader, the worst case: its calls hang, not fail.
+    while backend.current_endpoint != leader.endpoint:
+        backend._rotate_from(backend._current)
+    assert leader.process is not None
+    leader.process.freeze()
+    try:
+        await _stays_alive(session, TIMING.renew_deadline + 1.0)
+        token = await _claim_within(session, "@after-freeze", TIMING.renew_deadline)
+        assert token > first.token
+        assert (await backend.owner("@kept")) == first
+    finally:
+        leader.process.thaw()
+    assert session.state is SessionState.ALIVE
+    await session.close()
+
+
 @pytest.mark.slow
 async def test_losing_quorum_makes_the_session_lost_by_its_deadline(
     etcd_cluster: EtcdCluster, backend: EtcdBackend
