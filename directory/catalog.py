@@ -8,6 +8,14 @@ the highest fencing token wins. Instances with invalid meta are skipped and coun
 
 Lookups read an immutable :class:`DirectoryMap` that the watcher swaps in whole, so they
 never wait on Consul; when Consul is unreachable the last map stays in use.
+
+Two blocking queries run side by side. ``/v1/health/service/atserver?passing`` is the
+source of every answer, but Consul re-sends the whole list (about 1.6 KB per instance,
+16 MB for 10,000) on every change, which takes a second or more to render and parse.
+``/v1/health/state/any`` filtered to non-passing checks is small and returns within
+milliseconds, so a check turning critical masks its instance at once. The mask only ever
+removes answers: what is answered is always a subset of what the passing query alone
+would answer, so it never makes the directory answer a failing instance.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +51,7 @@ class Instance:
     service_id: str
     node: str = ""
     cloud: str = ""
+    consul_node: str = ""  # the Consul node the instance is registered on
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +64,18 @@ class RejectedInstance:
 
 @dataclass(frozen=True)
 class DirectoryMap:
-    """An immutable snapshot: atSign key -> the instance to answer (highest token)."""
+    """An immutable snapshot: atSign key -> the instance to answer (highest token).
+
+    ``candidates`` holds every passing instance of an atSign, best first, so that an
+    instance masked by a failing check can give way to the next one.
+    """
 
     instances: Mapping[str, Instance] = field(default_factory=dict)
     answers: Mapping[str, bytes] = field(default_factory=dict)
     rejected: Sequence[RejectedInstance] = ()
     shadowed: int = 0
     index: int = 0
+    candidates: Mapping[str, tuple[Instance, ...]] = field(default_factory=dict)
 
     def answer(self, key: str) -> bytes | None:
         """The complete protocol reply for ``key``, or None if no healthy atServer."""
@@ -69,6 +83,55 @@ class DirectoryMap:
 
     def __len__(self) -> int:
         return len(self.instances)
+
+
+@dataclass(frozen=True, slots=True)
+class FailingChecks:
+    """Non-passing checks: (Consul node, service ID) pairs, and nodes with a node check."""
+
+    services: frozenset[tuple[str, str]] = frozenset()
+    nodes: frozenset[str] = frozenset()
+    index: int = 0
+
+    def masks(self, inst: Instance) -> bool:
+        """True if a failing check rules ``inst`` out."""
+        return (
+            inst.consul_node in self.nodes or (inst.consul_node, inst.service_id) in self.services
+        )
+
+
+def failing_from_checks(entries: Sequence[Any], index: int = 0) -> FailingChecks:
+    """The mask for one ``/v1/health/state/any`` response (non-passing checks only)."""
+    services: set[tuple[str, str]] = set()
+    nodes: set[str] = set()
+    for check in entries:
+        if not isinstance(check, Mapping) or check.get("Status") == "passing":
+            continue
+        node = str(check.get("Node") or "")
+        service_id = check.get("ServiceID") or ""
+        if service_id:
+            services.add((node, str(service_id)))
+        else:
+            nodes.add(node)  # a node-level check fails every service on the node
+    return FailingChecks(frozenset(services), frozenset(nodes), index)
+
+
+def masked_answers(current: DirectoryMap, failing: FailingChecks) -> Mapping[str, bytes]:
+    """``current.answers`` without instances that ``failing`` rules out (a subset, always)."""
+    if not failing.services and not failing.nodes:
+        return current.answers
+    affected = [key for key, best in current.instances.items() if failing.masks(best)]
+    if not affected:
+        return current.answers
+    answers = dict(current.answers)
+    for key in affected:
+        for inst in current.candidates.get(key, ()):
+            if not failing.masks(inst):
+                answers[key] = answer_for(inst.host, inst.port)
+                break
+        else:
+            del answers[key]
+    return answers
 
 
 def _meta_str(meta: Mapping[str, Any], name: str) -> str | None:
@@ -117,14 +180,14 @@ def instance_from_entry(entry: Mapping[str, Any]) -> Instance | RejectedInstance
         service_id=service_id,
         node=_meta_str(meta, "node") or str(node.get("Node") or ""),
         cloud=_meta_str(meta, "cloud") or "",
+        consul_node=str(node.get("Node") or ""),
     )
 
 
 def build_map(entries: Sequence[Mapping[str, Any]], index: int = 0) -> DirectoryMap:
     """The map for one health query response: highest fencing token per atSign."""
-    best: dict[str, Instance] = {}
+    candidates: dict[str, list[Instance]] = {}
     rejected: list[RejectedInstance] = []
-    shadowed = 0
     for entry in entries:
         if not isinstance(entry, Mapping):
             rejected.append(RejectedInstance("?", "entry_not_an_object"))
@@ -132,17 +195,18 @@ def build_map(entries: Sequence[Mapping[str, Any]], index: int = 0) -> Directory
         inst = instance_from_entry(entry)
         if isinstance(inst, RejectedInstance):
             rejected.append(inst)
-            continue
-        current = best.get(inst.key)
-        if current is None:
-            best[inst.key] = inst
-            continue
-        shadowed += 1
-        # Equal tokens should not happen; the lower service ID wins so replicas agree.
-        if (inst.fencing_token, current.service_id) > (current.fencing_token, inst.service_id):
-            best[inst.key] = inst
+        else:
+            candidates.setdefault(inst.key, []).append(inst)
+    # Highest token first; equal tokens should not happen, the lower service ID wins then
+    # so that replicas agree.
+    ordered = {
+        key: tuple(sorted(insts, key=lambda i: (-i.fencing_token, i.service_id)))
+        for key, insts in candidates.items()
+    }
+    best = {key: insts[0] for key, insts in ordered.items()}
     answers = {key: answer_for(i.host, i.port) for key, i in best.items()}
-    return DirectoryMap(best, answers, tuple(rejected), shadowed, index)
+    shadowed = sum(len(insts) - 1 for insts in ordered.values())
+    return DirectoryMap(best, answers, tuple(rejected), shadowed, index, ordered)
 
 
 class ConsulError(Exception):
@@ -182,12 +246,27 @@ class ConsulHealthClient:
         return self._session
 
     async def query(self, index: int, wait: float) -> HealthResponse:
-        """Wait up to ``wait`` s for a change after ``index`` (0: answer at once).
+        """Passing instances of the service: ``/v1/health/service/<service>?passing``.
 
-        The whole request has a deadline of ``wait`` plus Consul's jitter (wait/16)
-        plus the connect timeout; raises :class:`ConsulError` on any failure.
+        Waits up to ``wait`` s for a change after ``index`` (0: answer at once). The whole
+        request has a deadline of ``wait`` plus Consul's jitter (wait/16) plus the connect
+        timeout; raises :class:`ConsulError` on any failure.
         """
-        params: dict[str, str] = {"passing": "1"}
+        return await self._get(f"/v1/health/service/{self._service}", {"passing": "1"}, index, wait)
+
+    async def query_failing(self, index: int, wait: float) -> HealthResponse:
+        """Non-passing checks of the service's instances and of nodes (small: usually none),
+        from ``/v1/health/state/any`` with a server-side filter; same deadlines."""
+        selector = (
+            f'Status != "passing" and (ServiceName == {json.dumps(self._service)} '
+            'or ServiceID == "")'
+        )
+        return await self._get("/v1/health/state/any", {"filter": selector}, index, wait)
+
+    async def _get(
+        self, path: str, params: dict[str, str], index: int, wait: float
+    ) -> HealthResponse:
+        params = dict(params)
         if self._stale:
             params["stale"] = "1"
         deadline = self._connect_timeout + 1.0
@@ -196,7 +275,7 @@ class ConsulHealthClient:
             params["wait"] = f"{max(1, round(wait * 1000))}ms"
             deadline += wait * (1 + 1 / 16)
         timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=self._connect_timeout)
-        url = f"{self._base}/v1/health/service/{self._service}"
+        url = self._base + path
         session = await self._get_session()
         try:
             async with session.get(url, params=params, timeout=timeout) as resp:
@@ -211,9 +290,13 @@ class ConsulHealthClient:
             new_index = int(raw_index)
         except ValueError as exc:
             raise ConsulError(f"{url}: bad X-Consul-Index header {raw_index!r}") from exc
-        # Parsing ~10 MB for 10,000 instances takes a while: keep the event loop serving.
+        # Parsing ~16 MB for 10,000 instances takes a while: keep the event loop serving.
         try:
-            entries = await asyncio.to_thread(json.loads, body)
+            entries = (
+                await asyncio.to_thread(json.loads, body)
+                if len(body) > 65536
+                else (json.loads(body))
+            )
         except ValueError as exc:
             raise ConsulError(f"{url}: response is not JSON: {exc}") from exc
         if not isinstance(entries, list):
@@ -226,12 +309,29 @@ class ConsulHealthClient:
             self._session = None
 
 
-class CatalogWatcher:
-    """Keeps :attr:`current` in step with Consul; serves lookups without waiting on it.
+QueryFn = Callable[[int, float], Awaitable[HealthResponse]]
 
-    On a Consul error the last map stays, ``consul_up`` drops to 0, the error is counted
-    and logged, and the next attempt follows a bounded exponential backoff with jitter.
-    The first success afterwards is a full, non-blocking resync.
+
+@dataclass
+class _Follow:
+    """The state of one blocking-query loop."""
+
+    name: str
+    query: QueryFn
+    apply: Callable[[HealthResponse], None]
+    index: int = 0
+    failures: int = 0
+    up: bool = False
+
+
+class CatalogWatcher:
+    """Keeps the answers in step with Consul; serves lookups without waiting on it.
+
+    Follows the passing instances (the map) and, side by side, the failing checks (a mask
+    that removes answers at once). On a Consul error the last map and mask stay,
+    ``consul_up`` drops to 0, the error is counted and logged, and the next attempt
+    follows a bounded exponential backoff with jitter. The first success afterwards is a
+    full, non-blocking resync.
     """
 
     def __init__(
@@ -253,17 +353,19 @@ class CatalogWatcher:
         self._clock = clock
         self._sleep = sleep
         self.current = DirectoryMap()
+        self.failing = FailingChecks()
+        self._answers: Mapping[str, bytes] = {}
         self._synced_at: float | None = None
         self._synced = asyncio.Event()
-        self._index = 0
-        self._failures = 0
+        self._passing = _Follow("passing", client.query, self._apply)
+        self._failing = _Follow("failing", client.query_failing, self._apply_failing)
         self._seen_rejections: set[RejectedInstance] = set()
         self._rejection_reasons: set[str] = set()
-        metrics.bind_map(self.map_age, lambda: len(self.current))
+        metrics.bind_map(self.map_age, lambda: len(self._answers))
 
     def lookup(self, key: str) -> bytes | None:
-        """The reply for atSign ``key`` from the current map (None: answer null)."""
-        return self.current.answers.get(key)
+        """The reply for atSign ``key`` (None: answer null)."""
+        return self._answers.get(key)
 
     def map_age(self) -> float:
         """Seconds since Consul last confirmed the map, -1 if it never did."""
@@ -288,6 +390,7 @@ class CatalogWatcher:
         new_map = build_map(response.entries, response.index)
         old = self.current
         self.current = new_map
+        self._answers = masked_answers(new_map, self.failing)
         self._synced_at = self._clock()
         self._synced.set()
         self._metrics.consul_syncs.inc()
@@ -310,56 +413,77 @@ class CatalogWatcher:
         if len(old) != len(new_map) or old.index == 0:
             log_event(log, logging.DEBUG, "map_updated", atsigns=len(new_map), index=response.index)
 
-    def _next_index(self, new_index: int) -> int:
+    def _apply_failing(self, response: HealthResponse) -> None:
+        self.failing = failing_from_checks(response.entries, response.index)
+        self._answers = masked_answers(self.current, self.failing)
+        self._metrics.instances_masked.set(len(self.current.answers) - len(self._answers))
+
+    async def _sync(self, follow: _Follow) -> None:
+        response = await follow.query(follow.index, self._wait)
         # Consul: an index that goes backwards (e.g. a restarted agent) means start over.
-        if new_index < self._index:
-            return 0
-        return max(new_index, 1)
+        if response.index < follow.index:
+            log_event(
+                log, logging.INFO, "consul_index_reset", query=follow.name, old=follow.index,
+                new=response.index,
+            )  # fmt: skip
+            follow.index = 0
+            return
+        if response.index != follow.index or (follow is self._passing and not self.synced):
+            follow.apply(response)
+        elif follow is self._passing:
+            self._synced_at = self._clock()
+        follow.index = max(response.index, 1)
 
     async def sync_once(self) -> None:
-        """One query (blocking if a map is already held); raises :class:`ConsulError`."""
-        response = await self._client.query(self._index, self._wait)
-        next_index = self._next_index(response.index)
-        if next_index == 0:
-            log_event(log, logging.INFO, "consul_index_reset", old=self._index, new=response.index)
-            self._index = 0
-            return
-        if response.index != self._index or not self.synced:
-            self._apply(response)
-        else:
-            self._synced_at = self._clock()
-        self._index = next_index
+        """One query of the passing instances (blocking if a map is already held);
+        raises :class:`ConsulError`."""
+        await self._sync(self._passing)
 
-    async def run(self) -> None:
-        """Follow Consul until cancelled."""
+    async def sync_failing_once(self) -> None:
+        """One query of the failing checks; raises :class:`ConsulError`."""
+        await self._sync(self._failing)
+
+    def _set_up(self) -> None:
+        self._metrics.consul_up.set(1 if self._passing.up and self._failing.up else 0)
+
+    async def _follow(self, follow: _Follow) -> None:
         while True:
             try:
-                await self.sync_once()
+                await self._sync(follow)
             except ConsulError as exc:
-                self._failures += 1
-                self._index = 0  # resync in full when Consul is back
+                follow.failures += 1
+                follow.index = 0  # resync in full when Consul is back
+                follow.up = False
                 self._metrics.consul_errors.inc()
-                self._metrics.consul_up.set(0)
+                self._set_up()
                 delay = min(
-                    self._backoff_max, self._backoff_initial * 2 ** min(self._failures - 1, 16)
+                    self._backoff_max, self._backoff_initial * 2 ** min(follow.failures - 1, 16)
                 )
                 delay *= random.uniform(0.5, 1.0)
                 log_event(
                     log,
                     logging.WARNING,
                     "consul_error",
+                    query=follow.name,
                     error=str(exc),
-                    failures=self._failures,
+                    failures=follow.failures,
                     retry_in=round(delay, 3),
                     map_age=round(self.map_age(), 3),
-                    atsigns=len(self.current),
+                    atsigns=len(self._answers),
                 )
                 await self._sleep(delay)
                 continue
-            if self._failures:
+            if follow.failures:
                 log_event(
-                    log, logging.INFO, "consul_recovered", after_failures=self._failures,
-                    atsigns=len(self.current),
+                    log, logging.INFO, "consul_recovered", query=follow.name,
+                    after_failures=follow.failures, atsigns=len(self._answers),
                 )  # fmt: skip
-            self._failures = 0
-            self._metrics.consul_up.set(1)
+            follow.failures = 0
+            follow.up = True
+            self._set_up()
+
+    async def run(self) -> None:
+        """Follow Consul until cancelled (both queries; neither waits for the other)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow(self._passing), name="consul-passing")
+            group.create_task(self._follow(self._failing), name="consul-failing")

@@ -72,13 +72,19 @@ class DirectoryMetrics:
             "Passing instances not answered because another one has a higher fencing token",
             registry=registry,
         )
+        self.instances_masked = Gauge(
+            "atdirectory_instances_masked",
+            "atSigns answered null (or by a lower token) because a check failed since the "
+            "last full map",
+            registry=registry,
+        )
         self._map_age = Gauge(
             "atdirectory_map_age_seconds",
             "Seconds since the map was last confirmed by Consul (-1 before the first sync)",
             registry=registry,
         )
         self._map_atsigns = Gauge(
-            "atdirectory_map_atsigns", "atSigns in the current map", registry=registry
+            "atdirectory_map_atsigns", "atSigns answered with host:port now", registry=registry
         )
         self._connections_open = Gauge(
             "atdirectory_connections_open", "Connections open now", registry=registry

@@ -7,14 +7,19 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from directory.catalog import (
     CatalogWatcher,
     ConsulError,
     ConsulHealthClient,
+    FailingChecks,
     HealthResponse,
     build_map,
+    failing_from_checks,
+    masked_answers,
 )
 from directory.metrics import DirectoryMetrics
 
@@ -83,11 +88,24 @@ def test_node_address_is_used_when_the_service_has_none() -> None:
 class FakeHealth(ConsulHealthClient):
     """Replays scripted answers (HealthResponse or ConsulError) and records indexes asked."""
 
-    def __init__(self, script: list[HealthResponse | ConsulError]) -> None:
+    def __init__(
+        self,
+        script: list[HealthResponse | ConsulError],
+        failing: list[HealthResponse | ConsulError] | None = None,
+    ) -> None:
         super().__init__("http://127.0.0.1:1")
         self.script = script
+        self.failing_script = failing or [HealthResponse(1, [])]
         self.asked: list[int] = []
         self.done = asyncio.Event()
+
+    async def query_failing(self, index: int, wait: float) -> HealthResponse:
+        if not self.failing_script:
+            await asyncio.sleep(3600)
+        step = self.failing_script.pop(0)
+        if isinstance(step, ConsulError):
+            raise step
+        return step
 
     async def query(self, index: int, wait: float) -> HealthResponse:
         self.asked.append(index)
@@ -143,3 +161,67 @@ async def test_map_age_grows_while_consul_fails() -> None:
     await watcher.sync_once()
     clock[0] = 42.0
     assert watcher.map_age() == 42.0 and watcher.synced
+
+
+def check(node: str, service_id: str, status: str = "critical") -> dict[str, Any]:
+    return {"Node": node, "CheckID": f"c-{service_id}", "ServiceID": service_id, "Status": status}
+
+
+def test_failing_checks_mask_answers_and_the_next_token_takes_over() -> None:
+    m = build_map(
+        [
+            entry("@alice", "9", 1, sid="a-new"),
+            entry("@alice", "8", 2, sid="a-old"),
+            entry("@bob", "5", 3, sid="b"),
+            entry("@carol", "5", 4, sid="c"),
+        ]
+    )
+    failing = failing_from_checks(
+        [check("n1", "a-new"), check("n1", "b"), check("n1", "c", "passing"), "junk"]
+    )
+    answers = masked_answers(m, failing)
+    assert answers["alice"] == b"10.0.0.1:2\r\n@"  # highest token still passing
+    assert "bob" not in answers
+    assert answers["carol"] == b"10.0.0.1:4\r\n@"
+    # A failing check on another node with the same service ID masks nothing.
+    assert masked_answers(m, failing_from_checks([check("other", "b")])) == m.answers
+    # A node-level check (no ServiceID) masks every instance on the node.
+    assert masked_answers(m, failing_from_checks([check("n1", "")])) == {}
+    assert masked_answers(m, FailingChecks()) is m.answers
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.booleans()), max_size=12),
+)
+def test_mask_only_ever_removes_or_falls_back_to_a_passing_instance(
+    specs: list[tuple[int, int, bool]],
+) -> None:
+    entries = [
+        entry(f"@u{who}", str(token), 100 + n, sid=f"s{n}")
+        for n, (who, token, _) in enumerate(specs)
+    ]
+    failing = failing_from_checks([check("n1", f"s{n}") for n, s in enumerate(specs) if s[2]])
+    m = build_map(entries)
+    answers = masked_answers(m, failing)
+    assert answers.keys() <= m.answers.keys()
+    for key, answer in answers.items():
+        port = int(answer.split(b":")[1].split(b"\r")[0])
+        n = port - 100
+        assert not specs[n][2], "a failing instance was answered"
+        # It is the highest-token passing instance of that atSign.
+        best = max(t for w, t, f in specs if f"u{w}" == key and not f)
+        assert specs[n][1] == best
+
+
+async def test_watcher_masks_a_failing_instance_until_the_full_map_drops_it() -> None:
+    metrics = DirectoryMetrics(CollectorRegistry())
+    fake = FakeHealth(
+        [HealthResponse(10, [entry("@alice", "1", 1, sid="s1")])],
+        failing=[HealthResponse(11, [check("n1", "s1")])],
+    )
+    watcher = CatalogWatcher(fake, metrics)
+    await watcher.sync_once()
+    assert watcher.lookup("alice") == b"10.0.0.1:1\r\n@"
+    await watcher.sync_failing_once()
+    assert watcher.lookup("alice") is None
+    assert metrics.instances_masked._value.get() == 1

@@ -47,6 +47,7 @@ class Registrar:
     def __init__(self, agent: ConsulAgent) -> None:
         self.agent = agent
         self.ids: list[str] = []
+        self.catalog_nodes: set[str] = set()
 
     def register(
         self,
@@ -94,12 +95,40 @@ class Registrar:
     def deregister(self, sid: str) -> None:
         consul_put(self.agent.url, f"/v1/agent/service/deregister/{sid}")
 
+    def register_bulk(self, base: str, count: int, nodes: int = 10) -> dict[str, str]:
+        """``count`` passing instances on synthetic catalog nodes (64 ops per Consul txn);
+        returns atSign -> expected ``host:port``."""
+        ops: list[dict[str, Any]] = []
+        for n in range(nodes):
+            node = f"{base}-sim{n}"
+            self.catalog_nodes.add(node)
+            ops.append({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.2.1"}}})
+        expected: dict[str, str] = {}
+        for i in range(count):
+            node, sid, name = f"{base}-sim{i % nodes}", f"bulk-{base}-{i}", f"{base}b{i}"
+            service = {
+                "ID": sid, "Service": "atserver", "Address": f"127.0.2.{i % nodes + 1}",
+                "Port": 10000 + i, "Tags": [name],
+                "Meta": {"atsign": f"@{name}", "fencing_token": str(i + 1)},
+            }  # fmt: skip
+            check = {"Node": node, "CheckID": f"c-{sid}", "Name": "at-protocol",
+                     "Status": "passing", "ServiceID": sid}  # fmt: skip
+            ops.append({"Service": {"Verb": "set", "Node": node, "Service": service}})
+            ops.append({"Check": {"Verb": "set", "Check": check}})
+            expected[f"@{name}"] = f"127.0.2.{i % nodes + 1}:{10000 + i}"
+        for start in range(0, len(ops), 64):
+            consul_put(self.agent.url, "/v1/txn", ops[start : start + 64], timeout=30)
+        return expected
+
     def cleanup(self) -> None:
         if not self.agent.process or not self.agent.process.running():
             return
         for sid in self.ids:
             with contextlib.suppress(OSError):
                 self.deregister(sid)
+        for node in self.catalog_nodes:
+            with contextlib.suppress(OSError):
+                consul_put(self.agent.url, "/v1/catalog/deregister", {"Node": node})
 
 
 @pytest.fixture

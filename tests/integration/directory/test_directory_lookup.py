@@ -104,3 +104,25 @@ def test_invalid_meta_is_ignored_and_counted(
     assert m["atdirectory_instances_rejected{reason=missing_atsign}"] >= 1
     log = directory.log_tail()
     assert "instance_ignored" in log and "invalid_fencing_token" in log
+
+
+def test_failing_check_answers_null_within_a_second_with_10000_registered(
+    registrar: Registrar, start_directory: Any, atsdk_root: Any, key_prefix: str
+) -> None:
+    """With 10,000 instances Consul re-sends ~16 MB of passing instances on every change
+    (a second or more to render and parse); the failing-checks query still turns a
+    critical check into ``null`` within a second."""
+    base = atsign_base(key_prefix)
+    expected = registrar.register_bulk(base, 10_000, nodes=20)
+    sid = registrar.register(f"@{base}", 7150, 1)
+    directory = start_directory()
+    root = atsdk_root(directory.port)
+    wait_for_answer(root, f"@{base}", "127.0.0.1:7150", 10)
+    some = f"@{base}b9999"
+    assert root.find(some) == expected[some]
+    for _ in range(3):
+        registrar.set_passing(sid, False)
+        wait_for_answer(root, f"@{base}", None, FRESHNESS)
+        registrar.set_passing(sid, True)
+        wait_for_answer(root, f"@{base}", "127.0.0.1:7150", 10)
+    assert directory.metrics()["atdirectory_map_atsigns"] >= 10_001
