@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from atserver_runner.base import Runner, Workload, WorkloadSpec, WorkloadState
+from atserver_runner.base import Runner, RunnerError, Workload, WorkloadSpec, WorkloadState
 from atserver_runner.devserver.server import EXIT_FENCED_AT_START
 from leases.base import (
     Backend,
@@ -421,7 +421,14 @@ class Supervisor:
                     return f"deregistered {a.atsign}"
                 case cycle.RequestFailback():
                     return await self._ask_failback(a)
-        except (LeaseError, RegistrationError, TimeoutError, OSError, RuntimeError) as exc:
+        except (
+            LeaseError,
+            RegistrationError,
+            RunnerError,
+            TimeoutError,
+            OSError,
+            RuntimeError,
+        ) as exc:
             log.warning("event=action-failed action=%r error=%r", a, exc)
             return f"{type(a).__name__} {a.atsign} failed: {exc}"
         return ""

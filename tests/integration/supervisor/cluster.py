@@ -146,6 +146,8 @@ class Cluster:
     ttl: float
     nodes: dict[str, Node] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    observe: Callable[[Node], dict[str, int]] | None = None
+    """How to see a node's running atServers (default: the process runner's pid files)."""
 
     def add_node(self, name: str, cloud: str, **overrides: Any) -> Node:
         state = self.base / name / "state"
@@ -218,10 +220,11 @@ class Cluster:
     # --- observation -----------------------------------------------------------------------
 
     def running(self) -> dict[str, list[tuple[str, int]]]:
-        """atSign -> [(node, token)] of every live atServer process, from the pid files."""
+        """atSign -> [(node, token)] of every live atServer (pid files, or ``observe``)."""
         out: dict[str, list[tuple[str, int]]] = {}
         for node in self.nodes.values():
-            for atsign, token in node.running_atsigns().items():
+            found = self.observe(node) if self.observe else node.running_atsigns()
+            for atsign, token in found.items():
                 out.setdefault(atsign, []).append((node.name, token))
         return out
 

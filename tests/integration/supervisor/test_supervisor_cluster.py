@@ -95,9 +95,13 @@ def test_every_atsign_runs_once_registered_and_passing(
         assert f"token={token}" in checks[f"{svc['ID']}:at-protocol"]["Output"]
 
     # The cycle said what it did: every atSign was claimed and started exactly once.
-    claimed = [s for n in c.nodes.values() for s in n.sentences() if "claimed @" in s]
-    for atsign in c.atsigns:
-        assert sum(s.count(f"claimed {atsign} ") for s in claimed) == 1, claimed
+    def claims_said() -> dict[str, int]:
+        said = [s for n in c.nodes.values() for s in n.sentences()]
+        return {a: sum(s.count(f"claimed {a} ") for s in said) for a in c.atsigns}
+
+    # (a cycle logs its sentence after all its starts answered their first probe)
+    c.wait(lambda: all(claims_said().values()), 20, "every claim in a cycle sentence")
+    assert set(claims_said().values()) == {1}, claims_said()
 
     # `supervisor status --json` reads the DCS and Consul without claiming anything.
     res = cli("status", "--config", str(c.nodes["a1"].config_path), "--json")
@@ -185,13 +189,13 @@ def test_sigstop_fence_stops_by_deadline_and_no_restart_after_sigcont(
     moved = {a: v[0][1] for a, v in c.running().items() if v[0][0] == victim.name}
     victim.proc.freeze()
     frozen_at = time.monotonic()
+    before_thaw = len(victim.sentences())
     try:
         c.wait(lambda: c.all_once(exclude=[victim.name]), c.ttl + 15, "standbys took over")
         assert_fenced_in_time(c, victim, moved)
         time.sleep(max(0.0, frozen_at + 2 * c.ttl - time.monotonic()))
     finally:
         victim.proc.thaw()
-    thawed = len(victim.sentences())
     # For 2*ttl after SIGCONT: never two copies, the old owner restarts nothing.
     end = time.monotonic() + 2 * c.ttl
     while time.monotonic() < end:
@@ -200,7 +204,7 @@ def test_sigstop_fence_stops_by_deadline_and_no_restart_after_sigcont(
         assert not victim.running_atsigns()
         time.sleep(0.1)
     assert c.all_once(exclude=[victim.name])
-    after = victim.sentences()[thawed:]
+    after = victim.sentences()[before_thaw:]
     print("\nafter SIGCONT:", after[:4])
     assert after, "the thawed supervisor logged no cycle"
     assert any(
@@ -253,7 +257,8 @@ def test_drain_resume_and_handoff(make_cluster: MakeCluster) -> None:
     took = time.monotonic() - started
     assert res.returncode == 0, res.stdout + res.stderr
     assert "@alice: moved to a1, unavailable" in res.stdout, res.stdout
-    print(f"MEASURE etcd `supervisor handoff` ({res.stdout.strip()}); CLI took {took:.1f}s")
+    last = res.stdout.strip().splitlines()[-1]
+    print(f"MEASURE etcd `supervisor handoff`: {last}; the CLI took {took:.1f}s")
     c.wait(c.all_once, 20, "all passing after the handoff")
     assert c.running()["@alice"] == [("a1", c.running()["@alice"][0][1])]
     assert c.running()["@alice"][0][1] > token_before
