@@ -36,7 +36,7 @@ from chaos.partition import RelayHost
 from testbed.consul import ConsulAgent
 from testbed.etcd import EtcdCluster, EtcdMember
 from testbed.ports import free_port
-from testbed.process import ManagedProcess, wait_until
+from testbed.process import ManagedProcess, pid_alive, wait_until
 from testbed.tls import CertPair, TestCA
 
 Backend = Literal["etcd", "consul"]
@@ -90,19 +90,9 @@ class AtSignKeys:
         return key
 
 
-def _pid_alive(pid: int, create_time: float | None = None) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 0.05:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _kill_pid(pid: int, create_time: float | None, sig: int = signal.SIGKILL) -> bool:
     """Signal ``pid``'s group (it leads its own) if it is still the process we mean."""
-    if not _pid_alive(pid, create_time):
+    if not pid_alive(pid, create_time):
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if os.getpgid(pid) == pid:
@@ -180,7 +170,7 @@ class Node:
                 pid, ct = int(rec["pid"]), float(rec["create_time"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if _pid_alive(pid, ct):
+            if pid_alive(pid, ct):
                 out[str(rec["atsign"])] = (pid, ct)
         return out
 
@@ -202,7 +192,7 @@ class Node:
             _kill_pid(pid, ct)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-            _pid_alive(pid, ct) for pid, ct in workloads.values()
+            pid_alive(pid, ct) for pid, ct in workloads.values()
         ):
             time.sleep(0.02)
         return time.time()
@@ -256,7 +246,9 @@ class Cluster:
         self.keys_dir = self.base / "keys"
         self.atsigns: list[AtSignKeys] = []
         self.etcd: EtcdCluster | None = None
-        self.consul = ConsulAgent(self.base / "consul", name="consul")
+        # A persistent single server: a restart keeps KV, sessions and the index, as a real
+        # Consul server does (a -dev agent would wipe the Consul DCS on restart).
+        self.consul = ConsulAgent(self.base / "consul", name="consul", persistent=True)
         self.directory_port = free_port()
         self.directory_metrics_port = free_port()
         self.directory: ManagedProcess | None = None

@@ -25,20 +25,15 @@ PARTITION_KIND = "partition-node"
 
 
 def kinds_for(backend: str, partition: bool = False, opt_in: bool = False) -> tuple[str, ...]:
-    """The fault kinds of a backend's default schedule (``opt_in``: also the ones that must
-    be asked for by name).
+    """The fault kinds of a backend's default schedule (``opt_in`` is kept for callers that
+    validate names; every kind is in the default schedule now).
 
-    ``restart-consul`` restarts the local dev agent, which loses all its state. With the etcd
-    backend that is what a production node's Consul agent restart does to registrations.
-    With the Consul backend it also wipes the DCS (claims and the KV index that fencing
-    tokens come from), which a production Consul server cluster never does; it is opt-in
-    there (``--kind restart-consul``), see docs/chaos.md.
+    ``restart-consul`` restarts the Consul server (persistent: KV, sessions and the index
+    survive; the agent's registrations are re-read from its data dir).
     """
-    kinds: tuple[str, ...] = COMMON_KINDS
+    kinds: tuple[str, ...] = (*COMMON_KINDS, RESTART_CONSUL)
     if backend == "etcd":
-        kinds += (*ETCD_KINDS, RESTART_CONSUL)
-    elif opt_in:
-        kinds += (RESTART_CONSUL,)
+        kinds += ETCD_KINDS
     return kinds + ((PARTITION_KIND,) if partition else ())
 
 
@@ -138,7 +133,7 @@ async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
         detail = f"on {[k[0] for k in killed] or 'no node (not running)'}"
     elif kind == "restart-consul":
         await asyncio.to_thread(cluster.consul.restart)
-        detail = "dev agent: catalog, sessions and KV are lost"
+        detail = "persistent server: KV, sessions and the index survive"
     elif kind in ETCD_KINDS:
         etcd = cluster.etcd
         assert etcd is not None
