@@ -302,6 +302,12 @@ class Backend(abc.ABC):
         Survives reconnects and server restarts: resumes from the last seen
         revision/index, and after a gap it cannot bridge yields a new RESYNC.
         It never stops silently; it ends only when the consumer stops iterating.
+
+        Events describe state, not every step: etcd delivers each change, but
+        Consul's watch diffs successive reads, so changes that cancel out between
+        two reads (a claim created and released while the consumer was not
+        iterating) produce no event. Read it continuously and reconcile to the
+        state it reports; use the tokens, not the event count.
         """
 
     @abc.abstractmethod

@@ -12,7 +12,8 @@ is invalidated its keys are deleted.
 - Release: one transaction ``check-index(key, token)``, ``check-session``, ``delete``
   (no lock-delay: only invalidation sets it).
 - Watch: blocking queries on the claims prefix, diffed into PUT/DELETE; after
-  an error or an index that went backwards (agent restarted) a RESYNC.
+  an error or an index that went backwards (agent restarted) a RESYNC. It is
+  level-triggered: changes that cancel out between two reads are not reported.
 
 Consul semantics that shape the timing (see docs/leases.md): the TTL minimum
 is 10 s, the servers may take up to 2*TTL to invalidate an unrenewed session,
