@@ -154,6 +154,9 @@ class RunnerConfig(_Model):
     kind: Literal["process", "docker"]
     image: str | None = None
     command: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment of every atServer (process or container)"
+    )
     port_range: tuple[int, int]
     data_root: Path
     state_dir: Path

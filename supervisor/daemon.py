@@ -112,6 +112,12 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _registration_gone(exc: RegistrationError) -> bool:
+    """The agent no longer knows the check (500 "does not have associated TTL", 404)."""
+    text = str(exc)
+    return "does not have associated TTL" in text or "404" in text or "Unknown check" in text
+
+
 class Supervisor:
     """One node's supervisor (see module docstring). Use :meth:`run` with a stop event."""
 
@@ -158,6 +164,7 @@ class Supervisor:
         self._last_deadline: float | None = None
         self._last_hb_write: float | None = None
         self._reserved_ports: set[int] = set()
+        self._last_refresh = float("-inf")
         self._ready = False
         self._lock = asyncio.Lock()
         host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else cfg.node.address
@@ -215,6 +222,7 @@ class Supervisor:
             host=self.cfg.node.address,
             image=r.image,
             command=tuple(command),
+            env=dict(r.env),
         )
 
     def _session_usable(self) -> bool:
@@ -332,6 +340,7 @@ class Supervisor:
                     self.metrics.dcs_errors.labels("owners").inc()
                 log.warning("event=dcs-read-failed error=%r", exc)
         workloads = {w.atsign: w for w in await self.runner.list()}
+        await self._refresh_registrations()
         self.state.workloads = workloads
         now = self.clock()
         if claims is not None:
@@ -432,6 +441,20 @@ class Supervisor:
             log.warning("event=action-failed action=%r error=%r", a, exc)
             return f"{type(a).__name__} {a.atsign} failed: {exc}"
         return ""
+
+    async def _refresh_registrations(self) -> None:
+        """Re-read what the agent holds for this node (at most every probe_interval), so a
+        registration the agent lost (restart, manual removal) is registered again."""
+        now = self.clock()
+        if now - self._last_refresh < self.cfg.timing.probe_interval:
+            return
+        self._last_refresh = now
+        try:
+            await self.registrar.refresh()
+        except RegistrationError as exc:
+            if self.metrics is not None:
+                self.metrics.consul_errors.labels("refresh").inc()
+            log.warning("event=registration-refresh-failed error=%s", exc)
 
     async def _deregister(self, atsign: str, timeout: float) -> None:
         try:
@@ -663,6 +686,10 @@ class Supervisor:
             if self.metrics is not None:
                 self.metrics.consul_errors.labels("check").inc()
             log.warning("event=check-update-failed atsign=%s error=%s", atsign, exc)
+            if _registration_gone(exc):
+                # The agent lost the service (e.g. it restarted): register again next cycle.
+                self.registrar.registered.pop(atsign, None)
+                self.wake.set()
         return healthy
 
     async def _ask_failback(self, a: cycle.RequestFailback) -> str:

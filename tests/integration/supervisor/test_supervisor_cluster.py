@@ -113,6 +113,14 @@ def test_every_atsign_runs_once_registered_and_passing(
     table = cli("status", "--config", str(c.nodes["a1"].config_path))
     assert table.returncode == 0 and "@alice" in table.stdout
 
+    # A registration the agent lost (restart, operator) is registered again.
+    sid = f"{c.service}-alice"
+    req = urllib.request.Request(f"{c.consul_url}/v1/agent/service/deregister/{sid}", method="PUT")
+    urllib.request.urlopen(req, timeout=2).close()
+    assert "@alice" not in c.passing()
+    took = c.wait(c.all_once, 20, "@alice registered and passing again")
+    print(f"MEASURE {backend}: a lost registration was back and passing after {took:.1f}s")
+
     # The node API: readiness, status and Prometheus metrics.
     a1 = c.nodes["a1"]
     assert a1.ready()
