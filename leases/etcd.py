@@ -281,7 +281,8 @@ class EtcdBackend(Backend):
                 # Every member failed fast: pause briefly before the next round.
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
         raise DCSUnavailable(
-            f"etcd {what} failed within {budget:.3g}s: " + "; ".join(errors or ["no time left"])
+            f"etcd {what} failed within {budget:.3g}s: "
+            + "; ".join(dict.fromkeys(errors or ["no time left"]))
         )
 
     def _claim_from_kv(self, kv: Any) -> Claim | None:
