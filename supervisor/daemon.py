@@ -421,7 +421,7 @@ class Supervisor:
                 case cycle.ClaimAndStart():
                     return await self._claim_and_start(a.atsign, a.rank, snap)
                 case cycle.Start():
-                    return await self._start(a.atsign, a.claim, snap, takeover=False)
+                    return await self._restart_fresh_token(a.atsign, a.claim, snap)
                 case cycle.Register():
                     await self._register(a.atsign, a.claim, a.workload)
                     return f"registered {a.atsign}"
@@ -545,6 +545,31 @@ class Supervisor:
                     report.unavailable_s,
                     report.note,
                 )
+
+    async def _restart_fresh_token(self, atsign: str, claim: Claim, snap: cycle.Snapshot) -> str:
+        """Start again under a claim we hold (the atServer exited, or the fence stopped it
+        before a resume): release and claim again first, so every start carries a token
+        strictly greater than every earlier one. A standby may win the claim meanwhile."""
+        existing = snap.workloads.get(atsign)
+        if existing is not None:
+            await self._deregister(atsign, self.cfg.consul.request_timeout)
+            await self.runner.stop(atsign, timeout=self.cfg.runner.stop_timeout)
+        if not self._session_usable():
+            return f"not restarting {atsign}: session not alive"
+        s = self.session
+        assert s is not None
+        if not await self._release(claim):
+            return f"{atsign} was no longer ours (token {claim.token})"
+        try:
+            fresh = await asyncio.wait_for(
+                s.claim(atsign, self._info()), self.timing.request_timeout * 2
+            )
+        except (TimeoutError, LeaseError) as exc:
+            return f"released {atsign} (token {claim.token}) but could not claim it again: {exc!r}"
+        if fresh is None:
+            return f"released {atsign} (token {claim.token}); another node claimed it first"
+        result = await self._start(atsign, fresh, snap, takeover=False)
+        return f"re-claimed {atsign} (token {claim.token} -> {fresh.token}); {result}"
 
     async def _claim_and_start(self, atsign: str, rank: int, snap: cycle.Snapshot) -> str:
         if not self._session_usable():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -335,3 +336,51 @@ def test_dcs_down_owners_stop_by_deadline_then_everything_runs_once_again(
     print(f"MEASURE etcd thawed: all atSigns passing again after {took:.1f}s")
     said = [s for n in c.nodes.values() for s in n.sentences()]
     assert any("self-fencing" in s for s in said)
+
+
+def test_crashed_atserver_starts_again_with_a_higher_token(make_cluster: MakeCluster) -> None:
+    c = make_cluster("etcd", nodes=(("a1", "A"), ("b1", "B")), atsigns=("@alice", "@bob"))
+    c.wait(c.all_once, 60, "every atSign running once and passing")
+    ((owner, token),) = c.running()["@alice"]
+    rec = c.nodes[owner].workload_records()["@alice"]
+    os.killpg(int(rec["pid"]), signal.SIGKILL)  # the atServer crashes
+
+    def back() -> bool:
+        run = c.running().get("@alice", [])
+        return len(run) == 1 and run[0][1] > token and c.all_once()
+
+    c.wait(
+        back,
+        c.ttl + 20,
+        "@alice running again with a higher token",
+    )
+    said = [s for n in c.nodes.values() for s in n.sentences()]
+    assert any(f"re-claimed @alice (token {token} -> " in s for s in said) or any(
+        "claimed @alice" in s and "last owner" in s for s in said
+    ), said[-6:]
+
+
+def test_auto_failback_to_the_preferred_node(make_cluster: MakeCluster) -> None:
+    c = make_cluster(
+        "etcd",
+        nodes=(("a1", "A"), ("b1", "B")),
+        atsigns=("@alice",),
+        atsign_options={"@alice": {"prefer_nodes": ["a1"]}},
+        start=False,
+        overrides={"placement.failback": "auto", "placement.failback_check_interval": 2},
+    )
+    c.start("b1")
+    c.wait(
+        lambda: c.running().get("@alice", [("", 0)])[0][0] == "b1" and c.all_once(),
+        60,
+        "@alice on b1 while a1 is down",
+    )
+    c.start("a1")
+    took = c.wait(
+        lambda: c.running().get("@alice", [("", 0)])[0][0] == "a1" and c.all_once(),
+        60,
+        "@alice handed back to its preferred node a1",
+    )
+    print(f"\nMEASURE auto failback: @alice back on a1 {took:.1f}s after a1 started")
+    assert any("ask b1 to hand @alice back" in s for s in c.nodes["a1"].sentences())
+    assert any("hand off @alice (handoff requested)" in s for s in c.nodes["b1"].sentences())
