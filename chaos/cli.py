@@ -6,7 +6,6 @@ violation; 2 bad arguments.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -84,11 +83,6 @@ def run(
         report_dir=report, ttl=ttl, kinds=tuple(kind or ()),
     )  # fmt: skip
     out = Console()
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # unwinds through the cluster's clean stop
-
-    signal.signal(signal.SIGTERM, interrupt)
     try:
         result = run_chaos(opts)
     except ClusterError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,6 +110,11 @@ async def _campaign(opts: RunOptions) -> RunResult:
     records: list[FaultRecord] = []
     notes: list[str] = []
     client: WorkloadClient | None = None
+    # SIGTERM/SIGINT end the schedule early; what ran is still checked and reported.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await asyncio.to_thread(cluster.start)
         console.print(f"cluster up in {time.monotonic() - mono_begin:.1f}s ({cluster.base})")
@@ -125,6 +131,9 @@ async def _campaign(opts: RunOptions) -> RunResult:
             raise ClusterError(f"no steady state within {bound:g}s of start: {missing}")
         since = time.time()
         for k, pf in enumerate(plan, 1):
+            if stop.is_set():
+                notes.append(f"stopped by a signal after {k - 1} of {len(plan)} faults")
+                break
             missing = await wait_steady(cluster, client, since, bound)
             if missing:
                 notes.append(f"before fault {k}: no steady state within {bound:g}s: {missing}")
@@ -133,8 +142,9 @@ async def _campaign(opts: RunOptions) -> RunResult:
             records.append(rec)
             since = rec.healed
             console.print(
-                f"fault {k}/{len(plan)}: {rec.kind} {rec.target} "
-                f"held {rec.healed - rec.start:.1f}s {rec.detail}"
+                f"{time.strftime('%H:%M:%S')} fault {k}/{len(plan)}: {rec.kind} {rec.target} "
+                f"held {rec.healed - rec.start:.1f}s {rec.detail}",
+                highlight=False,
             )
         missing = await wait_steady(cluster, client, since, bound)
         if missing:
@@ -143,6 +153,8 @@ async def _campaign(opts: RunOptions) -> RunResult:
         await client.stop()
         verified = await client.verify(timeout=bound)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         if client is not None:
             await client.stop()
         await asyncio.to_thread(cluster.stop)

@@ -23,7 +23,8 @@ KINDS = {b: kinds_for(b, partition=True) for b in ("etcd", "consul")}
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("backend", "faults", "seed"), [("etcd", 10, 11), ("consul", 5, 12)])
+# Seeds chosen so the short schedules cover most fault kinds (9 of 10 for etcd, 5 of 6 for Consul).
+@pytest.mark.parametrize(("backend", "faults", "seed"), [("etcd", 10, 383), ("consul", 5, 391)])
 def test_short_chaos_run_has_no_violation_and_loses_no_write(
     tmp_path: Path, backend: str, faults: int, seed: int
 ) -> None:
