@@ -318,7 +318,7 @@ class _Follow:
 
     name: str
     query: QueryFn
-    apply: Callable[[HealthResponse], None]
+    apply: Callable[[HealthResponse], Awaitable[None]]
     index: int = 0
     failures: int = 0
     up: bool = False
@@ -386,11 +386,16 @@ class CatalogWatcher:
             return False
         return True
 
-    def _apply(self, response: HealthResponse) -> None:
-        new_map = build_map(response.entries, response.index)
+    async def _apply(self, response: HealthResponse) -> None:
+        if len(response.entries) > 500:
+            # ~0.25 s for 10,000 instances: build it off the event loop so lookups go on.
+            new_map = await asyncio.to_thread(build_map, response.entries, response.index)
+        else:
+            new_map = build_map(response.entries, response.index)
         old = self.current
         self.current = new_map
         self._answers = masked_answers(new_map, self.failing)
+        self._metrics.instances_masked.set(len(new_map.answers) - len(self._answers))
         self._synced_at = self._clock()
         self._synced.set()
         self._metrics.consul_syncs.inc()
@@ -413,7 +418,7 @@ class CatalogWatcher:
         if len(old) != len(new_map) or old.index == 0:
             log_event(log, logging.DEBUG, "map_updated", atsigns=len(new_map), index=response.index)
 
-    def _apply_failing(self, response: HealthResponse) -> None:
+    async def _apply_failing(self, response: HealthResponse) -> None:
         self.failing = failing_from_checks(response.entries, response.index)
         self._answers = masked_answers(self.current, self.failing)
         self._metrics.instances_masked.set(len(self.current.answers) - len(self._answers))
@@ -429,7 +434,7 @@ class CatalogWatcher:
             follow.index = 0
             return
         if response.index != follow.index or (follow is self._passing and not self.synced):
-            follow.apply(response)
+            await follow.apply(response)
         elif follow is self._passing:
             self._synced_at = self._clock()
         follow.index = max(response.index, 1)
