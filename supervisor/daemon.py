@@ -47,6 +47,9 @@ from supervisor.timing import build_timing
 
 log = logging.getLogger("supervisor")
 
+HANDOFF_POLL_INTERVAL = 0.1
+"""Seconds between Consul health reads while a handoff of this node is in flight."""
+
 SpecBuilder = Callable[[str, int, int], WorkloadSpec]
 """(atsign, port, fencing_token) -> the spec to start."""
 
@@ -859,6 +862,10 @@ class Supervisor:
     async def _wait(self, plan: cycle.Plan | None, stop: asyncio.Event) -> None:
         now = self.clock()
         timeout = self.timing.renew_interval
+        if self.state.in_flight:
+            # A handoff is done when the atSign passes elsewhere: look often, so the reported
+            # unavailability is accurate and a drain moves on at once.
+            timeout = min(timeout, HANDOFF_POLL_INTERVAL)
         if plan is not None and plan.wake_at is not None:
             timeout = min(timeout, max(0.0, plan.wake_at - now))
         s = self.session

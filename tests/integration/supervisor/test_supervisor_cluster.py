@@ -189,10 +189,17 @@ def test_sigkill_fence_stops_workloads_and_a_standby_takes_over(
     )
 
 
+def takeover_bound(c: Cluster) -> float:
+    """Generous: etcd frees a dead session's claims after ttl, Consul after up to 2*ttl plus
+    the lock-delay; then a start and a probe."""
+    return (c.ttl if c.backend == "etcd" else 2 * c.ttl + 1) + 15
+
+
+@pytest.mark.parametrize("backend", ["etcd", pytest.param("consul", marks=pytest.mark.slow)])
 def test_sigstop_fence_stops_by_deadline_and_no_restart_after_sigcont(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, backend: str
 ) -> None:
-    c = make_cluster("etcd")
+    c = make_cluster(backend)
     c.wait(c.all_once, 60, "every atSign running once and passing")
     victim = busiest(c)
     moved = {a: v[0][1] for a, v in c.running().items() if v[0][0] == victim.name}
@@ -200,13 +207,13 @@ def test_sigstop_fence_stops_by_deadline_and_no_restart_after_sigcont(
     frozen_at = time.monotonic()
     before_thaw = len(victim.sentences())
     try:
-        c.wait(lambda: c.all_once(exclude=[victim.name]), c.ttl + 15, "standbys took over")
+        c.wait(lambda: c.all_once(exclude=[victim.name]), takeover_bound(c), "standbys took over")
         assert_fenced_in_time(c, victim, moved)
         time.sleep(max(0.0, frozen_at + 2 * c.ttl - time.monotonic()))
     finally:
         victim.proc.thaw()
-    # For 2*ttl after SIGCONT: never two copies, the old owner restarts nothing.
-    end = time.monotonic() + 2 * c.ttl
+    # For a while after SIGCONT: never two copies, the old owner restarts nothing.
+    end = time.monotonic() + min(2 * c.ttl, 10)
     while time.monotonic() < end:
         run = c.running()
         assert all(len(v) == 1 for v in run.values()), run
@@ -223,9 +230,10 @@ def test_sigstop_fence_stops_by_deadline_and_no_restart_after_sigcont(
     c.wait(victim.ready, 20, "the thawed supervisor to be ready again with a new session")
 
 
-def test_drain_resume_and_handoff(make_cluster: MakeCluster) -> None:
+@pytest.mark.parametrize("backend", ["etcd", pytest.param("consul", marks=pytest.mark.slow)])
+def test_drain_resume_and_handoff(make_cluster: MakeCluster, backend: str) -> None:
     c = make_cluster(
-        "etcd", nodes=(("a1", "A"), ("b1", "B")), atsigns=("@alice", "@bob", "@carol", "@dave")
+        backend, nodes=(("a1", "A"), ("b1", "B")), atsigns=("@alice", "@bob", "@carol", "@dave")
     )
     c.wait(c.all_once, 60, "every atSign running once and passing")
     a1, b1 = c.nodes["a1"], c.nodes["b1"]
@@ -243,7 +251,7 @@ def test_drain_resume_and_handoff(make_cluster: MakeCluster) -> None:
     assert sorted(unavailable) == on_a1, res.stdout
     assert all(0 < u < 10 for u in unavailable.values()), unavailable
     if unavailable:
-        print(f"\nMEASURE etcd drain handoff unavailability per atSign: {unavailable}")
+        print(f"\nMEASURE {backend} drain handoff unavailability per atSign: {unavailable}")
     assert c.all_once(exclude=["a1"])
     for atsign in on_a1:
         assert c.running()[atsign][0][1] > before[atsign][0][1]
@@ -267,7 +275,7 @@ def test_drain_resume_and_handoff(make_cluster: MakeCluster) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "@alice: moved to a1, unavailable" in res.stdout, res.stdout
     last = res.stdout.strip().splitlines()[-1]
-    print(f"MEASURE etcd `supervisor handoff`: {last}; the CLI took {took:.1f}s")
+    print(f"MEASURE {backend} `supervisor handoff`: {last}; the CLI took {took:.1f}s")
     c.wait(c.all_once, 20, "all passing after the handoff")
     assert c.running()["@alice"] == [("a1", c.running()["@alice"][0][1])]
     assert c.running()["@alice"][0][1] > token_before
