@@ -1,0 +1,443 @@
+"""The local rollout test's cluster: wheels, TLS, playbook runs, lookups and teardown.
+
+Every "host" of ``ansible/inventories/local`` is a directory under the test's root with its
+own loopback address; the playbooks start real etcd, Consul, atDirectory and supervisor
+processes there (pid files kept by the managed_service role's svcctl.py). See
+ansible/README.md, "The local rollout test".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from atserver_runner.probe import probe_atserver, probe_ssl_context
+from testbed.tls import TestCA
+
+REPO = Path(__file__).resolve().parents[3]
+ANSIBLE_DIR = REPO / "ansible"
+INVENTORY = ANSIBLE_DIR / "inventories" / "local" / "hosts.yml"
+VAULT_PASSWORD_FILE = ANSIBLE_DIR / "inventories" / "local" / "vault-password.txt"
+VENV_BIN = Path(sys.executable).parent
+PACKAGES = ("leases", "atserver_runner", "supervisor", "directory", "chaos", "testbed")
+PLAYBOOK_TIMEOUT = 480.0
+RECAP_LINE = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+    r"\s+failed=(?P<failed>\d+)",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the test needs from the local inventory (read with ``ansible-inventory``)."""
+
+    addresses: dict[str, str]
+    groups: dict[str, list[str]]
+    atsigns: list[str]
+    consul_token: str
+    directory_port: int
+    ttl: float
+
+    @property
+    def directories(self) -> list[tuple[str, int]]:
+        return [(self.addresses[h], self.directory_port) for h in self.groups["directory"]]
+
+
+def read_inventory() -> Inventory:
+    """Parse ``ansible-inventory --list`` of the local inventory (vault decrypted)."""
+    out = subprocess.run(
+        [
+            str(VENV_BIN / "ansible-inventory"),
+            "-i",
+            str(INVENTORY),
+            "--vault-password-file",
+            str(VAULT_PASSWORD_FILE),
+            "--list",
+        ],
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(Path("/nonexistent")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    hostvars: dict[str, dict[str, Any]] = data["_meta"]["hostvars"]
+    groups = {
+        name: sorted(_group_hosts(data, name)) for name in ("etcd", "swarm_nodes", "directory")
+    }
+    anyhost = next(iter(hostvars.values()))
+    return Inventory(
+        addresses={h: str(v["node_address"]) for h, v in hostvars.items()},
+        groups=groups,
+        atsigns=[str(a["atsign"]) for a in anyhost["atfailover_atsigns"]],
+        consul_token=str(anyhost["vault_consul_atfailover_token"]),
+        directory_port=int(anyhost.get("directory_port", 64)),
+        ttl=float(anyhost["supervisor_timing"]["ttl"]),
+    )
+
+
+def _group_hosts(data: dict[str, Any], group: str) -> set[str]:
+    entry = data.get(group, {})
+    hosts = set(entry.get("hosts", []))
+    for child in entry.get("children", []):
+        hosts |= _group_hosts(data, child)
+    return hosts
+
+
+def ansible_env(root: Path) -> dict[str, str]:
+    """Environment for ansible-* commands: the repo's config, the test's root."""
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ATFAILOVER_LOCAL_ROOT=str(root),
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_NOCOLOR="1",
+        PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+    )
+    return env
+
+
+def build_wheel(workdir: Path, wheelhouse: Path, version: str) -> Path:
+    """Build the project's wheel with ``version`` from a copy of the source (no in-tree build)."""
+    src = workdir / f"src-{version}"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in PACKAGES:
+        if (REPO / pkg).is_dir():
+            shutil.copytree(REPO / pkg, src / pkg, ignore=ignore)
+    shutil.copy(REPO / "README.md", src / "README.md")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject, count = re.subn(r'(?m)^version = "[^"]*"', f'version = "{version}"', pyproject)
+    assert count == 1, "pyproject.toml: [project] version line not found"
+    (src / "pyproject.toml").write_text(pyproject)
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(VENV_BIN / "pip"), "wheel", "--no-deps", "-q", "-w", str(wheelhouse), str(src)],
+        check=True,
+        timeout=300,
+    )
+    wheels = sorted(wheelhouse.glob(f"atsign_failover-{version}-*.whl"))
+    assert wheels, f"no wheel for version {version} in {wheelhouse}"
+    return wheels[0]
+
+
+def make_tls(root: Path, inv: Inventory) -> TestCA:
+    """The CA, a certificate per directory replica and one for every node's atServers."""
+    ca = TestCA(root / "tls")
+    for host in inv.groups["directory"]:
+        ca.issue(host, [inv.addresses[host], "localhost"])
+    ca.issue("atserver", [inv.addresses[h] for h in inv.groups["swarm_nodes"]] + ["localhost"])
+    return ca
+
+
+@dataclass
+class PlaybookRun:
+    """One ansible-playbook run: exit code, duration, per-host recap and the output."""
+
+    rc: int
+    seconds: float
+    recap: dict[str, dict[str, int]]
+    output: str
+
+    @property
+    def changed(self) -> int:
+        return sum(r["changed"] for r in self.recap.values())
+
+    def changed_tasks(self) -> list[str]:
+        """The tasks that reported a change (for assertion messages)."""
+        tasks: list[str] = []
+        current = ""
+        for line in self.output.splitlines():
+            if line.startswith(("TASK [", "RUNNING HANDLER [")):
+                current = line.rstrip("* ")
+            elif line.startswith("changed: ["):
+                tasks.append(f"{current} {line.split(']')[0]}]")
+        return tasks
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+def run_playbook(root: Path, playbook: str, *extra: str) -> PlaybookRun:
+    """Run a playbook of ansible/ against the local inventory; bounded in time."""
+    argv = [
+        str(VENV_BIN / "ansible-playbook"),
+        "-i",
+        str(INVENTORY),
+        "--vault-password-file",
+        str(VAULT_PASSWORD_FILE),
+        playbook,
+        *extra,
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(
+        argv,
+        cwd=ANSIBLE_DIR,
+        env=ansible_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=PLAYBOOK_TIMEOUT,
+        check=False,
+    )
+    seconds = time.monotonic() - start
+    (root / f"{Path(playbook).stem}-{int(time.time())}.log").write_text(proc.stdout)
+    recap = {
+        m["host"]: {k: int(m[k]) for k in ("ok", "changed", "unreachable", "failed")}
+        for m in RECAP_LINE.finditer(proc.stdout)
+    }
+    return PlaybookRun(proc.returncode, seconds, recap, proc.stdout)
+
+
+# --- lookups ------------------------------------------------------------------------------
+
+
+async def directory_lookup(
+    host: str, port: int, atsign: str, ctx: ssl.SSLContext, timeout: float = 2.0
+) -> str | None:
+    """Ask an atDirectory (raw protocol over TLS) for ``atsign``: ``host:port`` or None."""
+
+    async def ask() -> str | None:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname=host, ssl_handshake_timeout=timeout
+        )
+        try:
+            await reader.readuntil(b"@")
+            writer.write(atsign.lstrip("@").encode() + b"\n")
+            await writer.drain()
+            answer = (await reader.readuntil(b"\n")).decode().strip()
+            with contextlib.suppress(OSError):
+                writer.write(b"@exit\n")
+                await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        answer = answer.lstrip("@")
+        return None if answer in ("null", "") else answer
+
+    try:
+        return await asyncio.wait_for(ask(), timeout)
+    except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        return None
+
+
+async def resolve_and_read(
+    directories: list[tuple[str, int]], atsign: str, ctx: ssl.SSLContext
+) -> tuple[str | None, str]:
+    """Resolve through the first answering replica, then do a read round trip on the atServer
+    (``info:brief``, which must name this atSign). Returns (address or None, what happened)."""
+    for host, port in directories:
+        address = await directory_lookup(host, port, atsign, ctx)
+        if address is None:
+            continue
+        a_host, _, a_port = address.rpartition(":")
+        result = await probe_atserver(
+            a_host, int(a_port), timeout=2.0, ssl_context=ctx, expect_atsign=atsign
+        )
+        if result.healthy:
+            return address, result.detail
+        return None, f"{atsign} -> {address}: {result.detail}"
+    return None, f"{atsign}: no directory replica answered with an address"
+
+
+async def consul_passing(url: str, token: str, service: str = "atserver") -> dict[str, set[str]]:
+    """Passing instances in Consul: atSign -> {host:port}."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(
+            f"{url}/v1/health/service/{service}",
+            params={"passing": "1"},
+            headers={"X-Consul-Token": token},
+        ) as resp,
+    ):
+        resp.raise_for_status()
+        entries = await resp.json()
+    out: dict[str, set[str]] = {}
+    for entry in entries:
+        svc = entry["Service"]
+        atsign = (svc.get("Meta") or {}).get("atsign", "")
+        out.setdefault(atsign, set()).add(f"{svc['Address']}:{svc['Port']}")
+    return out
+
+
+def atsdk_resolve(root: Path, ca: Path, host: str, port: int, atsigns: list[str]) -> dict[str, str]:
+    """Resolve with atsdk's root connection, in a subprocess with a timeout."""
+    env = dict(os.environ, SSL_CERT_FILE=str(ca), HOME=str(root / "atsdk-home"))
+    driver = Path(__file__).with_name("atsdk_resolve.py")
+    out = subprocess.run(
+        [sys.executable, str(driver), host, str(port), *atsigns],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    answers: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return answers
+
+
+def tls_context(ca: Path) -> ssl.SSLContext:
+    """Verify servers against the test CA (hostname = the loopback address)."""
+    return probe_ssl_context(ca)
+
+
+# --- the client that keeps resolving during the upgrade --------------------------------------
+
+
+@dataclass
+class Availability:
+    """Per atSign: when it last resolved and read fine, and the longest gap between two."""
+
+    started: float
+    last_ok: dict[str, float] = field(default_factory=dict)
+    max_gap: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def record(self, atsign: str, ok: bool, now: float, detail: str) -> None:
+        if ok:
+            gap = now - self.last_ok.get(atsign, self.started)
+            self.max_gap[atsign] = max(self.max_gap.get(atsign, 0.0), gap)
+            self.last_ok[atsign] = now
+        elif len(self.failures) < 200:
+            self.failures.append(f"{now - self.started:7.2f}s {detail}")
+
+    def close(self, now: float) -> None:
+        """Count the time since each atSign's last success as a gap too."""
+        for atsign, last in self.last_ok.items():
+            self.max_gap[atsign] = max(self.max_gap.get(atsign, 0.0), now - last)
+
+
+async def keep_resolving(
+    directories: list[tuple[str, int]],
+    atsigns: list[str],
+    ca: Path,
+    stop: asyncio.Event,
+    max_seconds: float,
+    pause: float = 0.2,
+) -> Availability:
+    """Resolve and read every atSign in rounds until ``stop`` (or ``max_seconds``)."""
+    ctx = tls_context(ca)
+    clock = time.monotonic
+    avail = Availability(started=clock())
+    deadline = avail.started + max_seconds
+    while not stop.is_set() and clock() < deadline:
+        results = await asyncio.gather(*(resolve_and_read(directories, a, ctx) for a in atsigns))
+        now = clock()
+        for atsign, (address, detail) in zip(atsigns, results, strict=True):
+            avail.record(atsign, address is not None, now, detail)
+        avail.rounds += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+    avail.close(clock())
+    for atsign in atsigns:  # never resolved at all: the whole run is one gap
+        avail.max_gap.setdefault(atsign, clock() - avail.started)
+    return avail
+
+
+# --- teardown -----------------------------------------------------------------------------
+
+
+def _alive(pid: int, create_time: float | None) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return None  # the pid was recycled: not ours
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:
+        return None
+
+
+def stop_everything(root: Path) -> list[str]:
+    """Stop every process the rollout started under ``root``, by pid; return what was left.
+
+    First each host's services through svcctl.py (the supervisor stops its atServers and its
+    fence on SIGTERM); then anything still recorded in a pid file (fence, atServers) is killed
+    by pid, in its own process group.
+    """
+    hosts = sorted((root / "hosts").glob("*")) if (root / "hosts").is_dir() else []
+    for host in hosts:
+        services = host / "var/lib/atfailover/services"
+        # Supervisors first, so that their atServers stop while the DCS is still up.
+        for name in ("atfailover-supervisor", "atdirectory"):
+            spec = services / f"{name}.json"
+            if spec.exists():
+                _svcctl(services, "stop", spec)
+    for host in hosts:
+        services = host / "var/lib/atfailover/services"
+        if (services / "svcctl.py").exists():
+            _svcctl(services, "stop-all", services)
+    leftovers: list[tuple[int, float | None, str]] = []
+    for host in hosts:
+        state = host / "var/lib/atfailover/supervisor"
+        fence = state / "fence.pid"
+        if fence.exists():
+            with contextlib.suppress(ValueError):
+                leftovers.append((int(fence.read_text().strip()), None, f"{host.name} fence"))
+        for rec in sorted((state / "workloads").glob("*.json")):
+            with contextlib.suppress(ValueError, KeyError, json.JSONDecodeError):
+                data = json.loads(rec.read_text())
+                leftovers.append(
+                    (int(data["pid"]), data.get("create_time"), f"{host.name} {rec.stem}")
+                )
+    killed: list[str] = []
+    for pid, created, what in leftovers:
+        proc = _alive(pid, created)
+        if proc is None or not _is_under(proc, root):
+            continue
+        killed.append(f"{what} pid {pid}")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            proc.wait(timeout=10)
+    return killed
+
+
+def _is_under(proc: psutil.Process, root: Path) -> bool:
+    """Only kill processes whose command line names the test's root (never someone else's)."""
+    try:
+        return any(str(root) in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _svcctl(services: Path, command: str, target: Path) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(
+            [sys.executable, str(services / "svcctl.py"), command, str(target)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a leftover of an earlier run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
