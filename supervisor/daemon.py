@@ -50,6 +50,9 @@ log = logging.getLogger("supervisor")
 HANDOFF_POLL_INTERVAL = 0.1
 """Seconds between Consul health reads while a handoff of this node is in flight."""
 
+CLAIM_RETRY_INTERVAL = 0.25
+"""Seconds before retrying a claim that failed while the atSign still looked vacant."""
+
 SpecBuilder = Callable[[str, int, int], WorkloadSpec]
 """(atsign, port, fencing_token) -> the spec to start."""
 
@@ -168,6 +171,7 @@ class Supervisor:
         self._last_hb_write: float | None = None
         self._reserved_ports: set[int] = set()
         self._last_refresh = float("-inf")
+        self._retry_soon = False
         self._ready = False
         self._lock = asyncio.Lock()
         host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else cfg.node.address
@@ -590,6 +594,9 @@ class Supervisor:
                 self.metrics.dcs_errors.labels("claim").inc()
             return f"claim of {atsign} failed: {exc!r}"
         if claim is None:
+            # Someone else holds it, or (Consul) the lock-delay of the dead owner's session
+            # still blocks the key: look again soon rather than at the next resync.
+            self._retry_soon = True
             return f"lost the race for {atsign}"
         vac = snap.vacancies.get(atsign)
         takeover = vac is not None and vac.last_node not in (None, self.me.name)
@@ -862,6 +869,9 @@ class Supervisor:
     async def _wait(self, plan: cycle.Plan | None, stop: asyncio.Event) -> None:
         now = self.clock()
         timeout = self.timing.renew_interval
+        if self._retry_soon:
+            self._retry_soon = False
+            timeout = min(timeout, CLAIM_RETRY_INTERVAL)
         if self.state.in_flight:
             # A handoff is done when the atSign passes elsewhere: look often, so the reported
             # unavailability is accurate and a drain moves on at once.
