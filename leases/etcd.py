@@ -457,7 +457,11 @@ class _WatchStream:
             )
 
     async def _next(self, timeout: float) -> Any:
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and
+        # drops a cancellation that arrives just as get() completes, so a cancelled watch
+        # consumer would keep running (and whoever awaits it would hang).
+        async with asyncio.timeout(timeout):
+            item = await self._queue.get()
         if isinstance(item, Exception):
             raise item
         return item
@@ -481,7 +485,8 @@ class _WatchStream:
             key=start, range_end=_prefix_end(start), start_revision=self.start_revision
         )
         try:
-            await asyncio.wait_for(self._call.write(rpc.WatchRequest(create_request=create)), t)
+            async with asyncio.timeout(t):
+                await self._call.write(rpc.WatchRequest(create_request=create))
             resp = await self._next(t)
         except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             raise DCSUnavailable(f"watch create on {self.member_address}: {exc!r}") from None
@@ -493,12 +498,10 @@ class _WatchStream:
                 resp = await self._next(idle)
             except TimeoutError:
                 try:
-                    await asyncio.wait_for(
-                        self._call.write(
+                    async with asyncio.timeout(t):
+                        await self._call.write(
                             rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
-                        ),
-                        t,
-                    )
+                        )
                     resp = await self._next(t)
                 except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     raise DCSUnavailable(

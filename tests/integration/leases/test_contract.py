@@ -352,3 +352,34 @@ async def test_unreachable_dcs_raises_dcs_unavailable_in_time(dcs: DCS) -> None:
             assert time.monotonic() - started < timeout + 1.0
     finally:
         await nowhere.close()
+
+
+async def test_cancelling_a_watch_consumer_always_ends_it(dcs: DCS) -> None:
+    """Cancel while events keep arriving: every cancelled consumer must end promptly."""
+    backend = dcs.make()
+    session = await backend.open_session("n", dcs.timing)
+
+    async def churn() -> None:  # a steady stream of claim changes
+        for i in range(100_000):
+            claim = await session.claim("@churn", ClaimInfo(node="n"))
+            if claim is not None:
+                await session.release(claim)
+            await asyncio.sleep(0.001 * (i % 3))
+
+    async def consume() -> None:
+        async for _ in backend.watch():
+            pass
+
+    churner = asyncio.create_task(churn())
+    try:
+        for i in range(40):
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.1 + 0.003 * (i % 17))
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2.0)
+            assert done, f"round {i}: the cancelled watch consumer is still running"
+    finally:
+        churner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await churner
+    await session.close()
