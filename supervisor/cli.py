@@ -332,7 +332,9 @@ async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
     backend = build_backend(cfg)
     registrar = build_registrar(cfg)
     try:
-        claims = await asyncio.wait_for(backend.owners(), 10)
+        from supervisor.deadline import within
+
+        claims = await within(backend.owners(), 10)
         entries = await registrar.health()
     finally:
         await backend.close()

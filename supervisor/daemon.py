@@ -38,6 +38,7 @@ from leases.base import (
 )
 from supervisor import cycle
 from supervisor.config import SupervisorConfig
+from supervisor.deadline import within
 from supervisor.fence import Heartbeat, write_heartbeat
 from supervisor.metrics import SupervisorMetrics
 from supervisor.placement import AtSignPolicy, NodeRef
@@ -283,7 +284,7 @@ class Supervisor:
         ):
             forget_record(self.session_record_path)
             return None
-        session = await asyncio.wait_for(
+        session = await within(
             resume_session(self.backend, self.cfg.node.name, self.timing, rec.session_id),
             self.timing.request_timeout * 2,
         )
@@ -299,7 +300,7 @@ class Supervisor:
             session = await self._resume_recorded()
             resumed = session is not None
             if session is None:
-                session = await asyncio.wait_for(
+                session = await within(
                     self.backend.open_session(self.cfg.node.name, self.timing),
                     self.timing.request_timeout * 3,
                 )
@@ -327,7 +328,7 @@ class Supervisor:
         if s is None:
             return
         try:
-            await asyncio.wait_for(s.close(revoke=True), self.timing.request_timeout * 2)
+            await within(s.close(revoke=True), self.timing.request_timeout * 2)
         except Exception as exc:
             log.info("event=session-close-failed error=%r", exc)
 
@@ -339,9 +340,7 @@ class Supervisor:
         claims: dict[str, Claim] | None = None
         if self._session_usable():
             try:
-                claims = await asyncio.wait_for(
-                    self.backend.owners(), self.timing.request_timeout * 1.5
-                )
+                claims = await within(self.backend.owners(), self.timing.request_timeout * 1.5)
             except (TimeoutError, LeaseError) as exc:
                 if self.metrics is not None:
                     self.metrics.dcs_errors.labels("owners").inc()
@@ -497,7 +496,7 @@ class Supervisor:
         s = self.session
         if s is None:
             return False
-        return await asyncio.wait_for(s.release(claim), self.timing.request_timeout * 2)
+        return await within(s.release(claim), self.timing.request_timeout * 2)
 
     async def _handoff(self, atsign: str, claim: Claim, reason: str) -> str:
         report = HandoffReport(atsign=atsign, reason=reason, started=self.clock())
@@ -568,9 +567,7 @@ class Supervisor:
         if not await self._release(claim):
             return f"{atsign} was no longer ours (token {claim.token})"
         try:
-            fresh = await asyncio.wait_for(
-                s.claim(atsign, self._info()), self.timing.request_timeout * 2
-            )
+            fresh = await within(s.claim(atsign, self._info()), self.timing.request_timeout * 2)
         except (TimeoutError, LeaseError) as exc:
             return f"released {atsign} (token {claim.token}) but could not claim it again: {exc!r}"
         if fresh is None:
@@ -584,9 +581,7 @@ class Supervisor:
         s = self.session
         assert s is not None
         try:
-            claim = await asyncio.wait_for(
-                s.claim(atsign, self._info()), self.timing.request_timeout * 2
-            )
+            claim = await within(s.claim(atsign, self._info()), self.timing.request_timeout * 2)
         except SessionLost:
             return f"not claiming {atsign}: session lost"
         except (TimeoutError, DCSUnavailable) as exc:
@@ -614,7 +609,7 @@ class Supervisor:
         port = self._alloc_port()
         try:
             spec = self.spec_builder(atsign, port, claim.token)
-            w = await asyncio.wait_for(self.runner.start(spec), self.cfg.runner.start_timeout)
+            w = await within(self.runner.start(spec), self.cfg.runner.start_timeout)
         finally:
             self._reserved_ports.discard(port)
         self.state.workloads[atsign] = w
@@ -948,7 +943,7 @@ class Supervisor:
         s = self.session
         if s is not None:
             try:
-                await asyncio.wait_for(s.close(revoke=True), self.timing.request_timeout * 2)
+                await within(s.close(revoke=True), self.timing.request_timeout * 2)
             except Exception as exc:
                 log.info("event=session-close-failed error=%r", exc)
         self.session = None

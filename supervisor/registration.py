@@ -18,13 +18,14 @@ Naming contract (the directory and operators' tools rely on it):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import consul.aio
+
+from supervisor.deadline import within
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Registrar:
 
     async def _call(self, what: str, coro: Any, timeout: float | None = None) -> Any:
         try:
-            return await asyncio.wait_for(coro, timeout or self.request_timeout)
+            return await within(coro, timeout or self.request_timeout)
         except (TimeoutError, OSError, consul.ConsulException) as exc:
             raise RegistrationError(f"Consul agent: {what} failed: {exc!r}") from exc
         except Exception as exc:  # aiohttp errors and the like
