@@ -42,11 +42,16 @@ def demo(
         bool | None,
         typer.Option(help="live table and kill prompt [when stdin is a terminal]"),
     ] = None,
+    runner: Annotated[
+        str, typer.Option(help="process, or docker (builds the dev image if needed)")
+    ] = "process",
 ) -> None:
     """Start a local cluster, show who owns what, and fail a node over."""
     from chaos.demo import run_demo
 
-    raise typer.Exit(run_demo(backend, nodes, atsigns, duration, base_dir, interactive))
+    if runner not in ("process", "docker"):
+        raise typer.BadParameter(f"--runner must be process or docker, got {runner!r}")
+    raise typer.Exit(run_demo(backend, nodes, atsigns, duration, base_dir, interactive, runner))
 
 
 @app.command()

@@ -48,6 +48,8 @@ DEFAULT_TTL: dict[str, float] = {"etcd": 6.0, "consul": 10.0}
 """etcd: with 3 members a leader election (1-2 s) must fit in renew_deadline = ttl/2 (the
 supervisor's config check); Consul: its minimum session TTL."""
 PORTS_PER_NODE = 200
+DOCKER_IMAGE = "atfailover/devserver:dev"
+PKAM_FILE = ".pkam.pub"
 
 
 class ClusterError(Exception):
@@ -113,6 +115,8 @@ class Node:
     http_port: int
     process: ManagedProcess
     port_range: tuple[int, int] = (0, 0)
+    docker: bool = False
+    """Workloads are containers labelled ``atfailover.node=<name>`` (else processes)."""
     frozen: bool = False
 
     @property
@@ -161,6 +165,34 @@ class Node:
         except psutil.Error:
             return None
 
+    def _containers(self) -> list[Any]:
+        import docker
+
+        client = docker.from_env()
+        try:
+            return list(
+                client.containers.list(all=True, filters={"label": f"atfailover.node={self.name}"})
+            )
+        finally:
+            client.close()
+
+    def _kill_containers(self, atsign: str | None = None, remove: bool = False) -> list[str]:
+        """SIGKILL (and optionally remove) this node's containers; returns their atSigns."""
+        import docker.errors
+
+        killed = []
+        for c in self._containers():
+            owner = c.labels.get("atfailover.atsign", "")
+            if atsign is not None and owner != atsign:
+                continue
+            with contextlib.suppress(docker.errors.APIError):
+                if c.status == "running":
+                    c.kill()
+                    killed.append(owner)
+                if remove:
+                    c.remove(force=True)
+        return killed
+
     def workload_pids(self) -> dict[str, tuple[int, float]]:
         """atSign -> (pid, create_time) from the process runner's pid files (running only)."""
         out: dict[str, tuple[int, float]] = {}
@@ -190,6 +222,8 @@ class Node:
             _kill_pid(*fence)
         for pid, ct in workloads.values():
             _kill_pid(pid, ct)
+        if self.docker:
+            self._kill_containers()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
             pid_alive(pid, ct) for pid, ct in workloads.values()
@@ -210,6 +244,8 @@ class Node:
 
     def crash_workload(self, atsign: str) -> float | None:
         """SIGKILL one workload of this node; ``None`` if it does not run here."""
+        if self.docker:
+            return time.time() if self._kill_containers(atsign) else None
         rec = self.workload_pids().get(atsign)
         if rec is None:
             return None
@@ -230,6 +266,14 @@ class Node:
             _kill_pid(*fence)
         for pid, ct in self.workload_pids().values():
             _kill_pid(pid, ct)
+        if self.docker:
+            self._kill_containers(remove=True)
+
+    def leftover_workloads(self) -> list[str]:
+        out = [f"workload {a} pid {p}" for a, (p, _) in self.workload_pids().items()]
+        if self.docker:
+            out += [f"container {c.name}" for c in self._containers()]
+        return out
 
 
 class Cluster:
@@ -308,13 +352,37 @@ class Cluster:
                 pub_path.write_text(base64.b64encode(der).decode())
             self.atsigns.append(AtSignKeys(f"@{name}", priv_path, pub_path))
 
+    def _prepare_docker(self) -> None:
+        """Build the dev image if needed; put each atSign's PKAM key in its data dir."""
+        import docker
+
+        from atserver_runner.devserver import image
+
+        client = docker.from_env()
+        try:
+            if self.spec.image is None:
+                image.build(client, DOCKER_IMAGE)
+        except Exception as exc:
+            raise ClusterError(f"the dev atServer image could not be built: {exc}") from exc
+        finally:
+            client.close()
+        for a in self.atsigns:
+            d = self.data_root / a.atsign.lstrip("@")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / PKAM_FILE).write_text(a.public_key.read_text())
+            (d / PKAM_FILE).chmod(0o644)
+
     def _node_names(self) -> list[tuple[str, str]]:
         out = []
         counts = {c: 0 for c in CLOUDS}
         for i in range(self.spec.nodes):
             cloud = CLOUDS[i % 2]
             counts[cloud] += 1
-            out.append((f"{cloud[-1]}{counts[cloud]}", cloud))
+            # Docker containers are named after the node: keep them unique per cluster.
+            suffix = (
+                f"-{self.prefix.rsplit('-', 1)[-1][-4:]}" if self.spec.runner == "docker" else ""
+            )
+            out.append((f"{cloud[-1]}{counts[cloud]}{suffix}", cloud))
         return out
 
     def _workload_command(self) -> list[str]:
@@ -356,7 +424,9 @@ class Cluster:
         if spec.runner == "process":
             runner["command"] = self._workload_command()
         else:
-            runner["image"] = spec.image or "atserver-dev:latest"
+            runner["image"] = spec.image or DOCKER_IMAGE
+            # Arguments after the image's entrypoint; the key is put in each data dir.
+            runner["command"] = ["--pkam-public-key-file", f"/data/{PKAM_FILE}", "--log-json"]
         return {
             "node": {"name": name, "cloud": cloud, "zone": f"{cloud}-z1", "address": "127.0.0.1"},
             "dcs": dcs,
@@ -415,7 +485,16 @@ class Cluster:
             )
             low, high = doc["runner"]["port_range"]
             self.nodes.append(
-                Node(name, cloud, cfg_path, state_dir, http_port, proc, (int(low), int(high)))
+                Node(
+                    name,
+                    cloud,
+                    cfg_path,
+                    state_dir,
+                    http_port,
+                    proc,
+                    (int(low), int(high)),
+                    docker=self.spec.runner == "docker",
+                )
             )
 
     def start(self) -> None:
@@ -423,6 +502,8 @@ class Cluster:
         spec = self.spec
         timeout = spec.start_timeout
         self._make_keys()
+        if spec.runner == "docker":
+            self._prepare_docker()
         try:
             self.consul.start(timeout)
         except (TimeoutError, FileNotFoundError) as exc:
@@ -563,7 +644,7 @@ class Cluster:
         for n in self.nodes:
             if n.fence_pid() is not None:
                 out.append(f"{n.name}: fence {n.fence_pid()}")
-            out += [f"{n.name}: workload {a} pid {p}" for a, (p, _) in n.workload_pids().items()]
+            out += [f"{n.name}: {w}" for w in n.leftover_workloads()]
         if self.directory is not None and self.directory.running():
             out.append("directory")
         if self.etcd is not None:

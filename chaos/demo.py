@@ -134,16 +134,24 @@ def run_demo(
     duration: float = 240.0,
     base_dir: Path | None = None,
     interactive_mode: bool | None = None,
+    runner: str = "process",
 ) -> int:
     """Start the default local cluster and run the tour; return the exit code."""
     base = base_dir or Path(tempfile.mkdtemp(prefix="atfailover-demo-"))
     deadline = time.monotonic() + duration
-    spec = ClusterSpec(base_dir=base, backend=backend, nodes=nodes, atsigns=atsigns)  # type: ignore[arg-type]
+    spec = ClusterSpec(
+        base_dir=base,
+        backend=backend,  # type: ignore[arg-type]
+        nodes=nodes,
+        atsigns=atsigns,
+        runner=runner,  # type: ignore[arg-type]
+    )
     tty = sys.stdin.isatty() if interactive_mode is None else interactive_mode
     console.print(
         f"starting a local cluster in {base}: {backend} "
         f"({'3 members: cloud-a, cloud-b, witness' if backend == 'etcd' else 'Consul'}), "
-        f"Consul agent, directory, {nodes} supervisor nodes, {atsigns} atSigns ..."
+        f"Consul agent, directory, {nodes} supervisor nodes, {atsigns} atSigns "
+        f"({runner} runner) ..."
     )
     cluster = Cluster(spec)
     try:

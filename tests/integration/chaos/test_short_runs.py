@@ -72,3 +72,20 @@ def test_demo_says_what_did_not_come_up(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "did not come up" in out and "etcd" in out
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(400)
+def test_demo_tour_with_the_docker_runner(tmp_path: Path, docker_client: object) -> None:
+    """Docker on request: containers instead of processes, none left behind."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "chaos", "demo", "--runner", "docker", "--nodes", "3",
+         "--atsigns", "3", "--duration", "240", "--base-dir", str(tmp_path / "demo")],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=380,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "docker runner" in out and "failover:" in out
+    assert "still running after stop" not in out
