@@ -138,7 +138,12 @@ async def _campaign(opts: RunOptions) -> RunResult:
             if missing:
                 notes.append(f"before fault {k}: no steady state within {bound:g}s: {missing}")
                 console.print(f"[yellow]{notes[-1]}[/yellow]")
-            rec = await inject(cluster, pf)
+            try:
+                rec = await inject(cluster, pf)
+            except Exception as exc:  # a server that would not come back: say so, go on
+                notes.append(f"fault {k} ({pf.describe(cluster)}) failed: {exc!r}")
+                console.print(f"[yellow]{notes[-1]}[/yellow]")
+                continue
             records.append(rec)
             since = rec.healed
             console.print(
