@@ -54,6 +54,41 @@ def demo(
     raise typer.Exit(run_demo(backend, nodes, atsigns, duration, base_dir, interactive, runner))
 
 
+def _recovery_table(by_kind: dict[str, dict[str, object]], title: str) -> object:
+    from rich.table import Table
+
+    table = Table(title=f"recovery per fault kind ({title})")
+    for col in ("kind", "faults", "with outage", "p50 s", "p99 s", "max s"):
+        table.add_column(col)
+    for k, v in by_kind.items():
+        table.add_row(k, str(v["faults"]), str(v["with_outage"]), str(v["recovery_p50_s"]),
+                      str(v["recovery_p99_s"]), str(v["recovery_max_s"]))  # fmt: skip
+    return table
+
+
+@app.command()
+def check(
+    report: Annotated[Path, typer.Argument(help="a report directory of `chaos run`")],
+) -> None:
+    """Run the checker again on a run's saved histories (also of an interrupted run)."""
+    from rich.console import Console
+
+    from chaos.run import recheck
+
+    if not (report / "client-ops.jsonl").is_file() or not (report / "cluster").is_dir():
+        raise typer.BadParameter(f"{report} has no client-ops.jsonl and cluster/ of a chaos run")
+    verdict = recheck(report)
+    out = Console()
+    out.print(_recovery_table(verdict.recovery_by_kind(), str(report)))
+    out.print(
+        f"{len(verdict.outcomes)} faults, {len(verdict.violations)} violations, "
+        f"{verdict.acknowledged_writes} acknowledged writes"
+    )
+    for v in verdict.violations[:20]:
+        out.print(f"[red]{v.check}[/red] {v.atsign}: {v.detail}")
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
 @app.command()
 def run(
     backend: Annotated[str, typer.Option(callback=_backend, help="etcd or consul")] = "etcd",
@@ -73,7 +108,6 @@ def run(
 ) -> None:
     """Inject a seeded schedule of faults, check the histories, write a report."""
     from rich.console import Console
-    from rich.table import Table
 
     from chaos.cluster import ClusterError
     from chaos.faults import kinds_for
@@ -94,13 +128,7 @@ def run(
         out.print(f"[red]the cluster did not come up or settle:[/red] {exc}")
         raise typer.Exit(1) from None
     r = result.report
-    table = Table(title=f"recovery per fault kind ({backend}, ttl {r['ttl']:g}s)")
-    for col in ("kind", "faults", "with outage", "p50 s", "p99 s", "max s"):
-        table.add_column(col)
-    for k, v in r["recovery_by_kind"].items():
-        table.add_row(k, str(v["faults"]), str(v["with_outage"]), str(v["recovery_p50_s"]),
-                      str(v["recovery_p99_s"]), str(v["recovery_max_s"]))  # fmt: skip
-    out.print(table)
+    out.print(_recovery_table(r["recovery_by_kind"], f"{backend}, ttl {r['ttl']:g}s"))
     out.print(
         f"{len(r['violations'])} violations, {r['lost_writes']} lost writes, "
         f"{r['acknowledged_writes']} acknowledged writes, {r['duration_s']}s; "

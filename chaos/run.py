@@ -12,7 +12,7 @@ import asyncio
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ async def _campaign(opts: RunOptions) -> RunResult:
         dcs_relays=opts.partitions,
     )
     cluster = Cluster(spec)
+    (report_dir / "faults.jsonl").unlink(missing_ok=True)
     kinds = opts.kinds or kinds_for(opts.backend, partition=opts.partitions)
     skipped: dict[str, str] = {}
     reason = partition_unavailable_reason(cluster)
@@ -146,6 +147,10 @@ async def _campaign(opts: RunOptions) -> RunResult:
                 continue
             records.append(rec)
             since = rec.healed
+            # Checkpoint the histories, so `chaos check` works even if the harness dies.
+            await asyncio.to_thread(_append_line, report_dir / "faults.jsonl", asdict(rec))
+            if k % 10 == 0:
+                await asyncio.to_thread(client.dump, report_dir / "client-ops.jsonl")
             console.print(
                 f"{time.strftime('%H:%M:%S')} fault {k}/{len(plan)}: {rec.kind} {rec.target} "
                 f"held {rec.healed - rec.start:.1f}s {rec.detail}",
@@ -172,6 +177,7 @@ async def _campaign(opts: RunOptions) -> RunResult:
     instances = collect_instances(logs, records)
     verdict = check(instances, records, client.records, verified.lost, verified.unreadable_atsigns)
     client.dump(report_dir / "client-ops.jsonl")
+    (report_dir / "readback.json").write_text(json.dumps(asdict(verified), indent=1))
     (report_dir / "instances.json").write_text(json.dumps(instances_json(instances), indent=1))
     failed_ops = sum(1 for r in client.records if not r.ok)
     report: dict[str, Any] = {
@@ -202,6 +208,49 @@ async def _campaign(opts: RunOptions) -> RunResult:
         f"seed {opts.seed}",
     )
     return RunResult(verdict, report, report_path, timeline)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def load_faults(report_dir: Path) -> list[FaultRecord]:
+    """The fault records a run checkpointed in ``faults.jsonl``."""
+    path = report_dir / "faults.jsonl"
+    if path.exists():
+        raws = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif (report_dir / "report.json").exists():
+        raws = json.loads((report_dir / "report.json").read_text()).get("faults", [])
+    else:
+        raws = []
+    names = {f.name for f in fields(FaultRecord)}
+    out = []
+    for raw in raws:
+        kept = {k: v for k, v in raw.items() if k in names}
+        kept["killed"] = tuple(tuple(k) for k in kept.get("killed", ()))
+        out.append(FaultRecord(**kept))
+    return out
+
+
+def recheck(report_dir: Path) -> Verdict:
+    """Run the checker again on a report directory's saved histories (the end-of-run
+    read-back is not repeated: its lost writes come from report.json when present)."""
+    from chaos.workload import load_records
+
+    faults = load_faults(report_dir)
+    nodes_dir = report_dir / "cluster" / "nodes"
+    logs = [
+        NodeLogs(d.name, d / "workloads" / "logs", d / "fence.log")
+        for d in sorted(p for p in nodes_dir.iterdir() if p.is_dir())
+    ]
+    instances = collect_instances(logs, faults)
+    ops = load_records(report_dir / "client-ops.jsonl")
+    readback = report_dir / "readback.json"
+    if not readback.exists():
+        return check(instances, faults, ops)
+    saved = json.loads(readback.read_text())
+    return check(instances, faults, ops, saved["lost"], saved["unreadable_atsigns"])
 
 
 def run_chaos(opts: RunOptions) -> RunResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from chaos.faults import kinds_for
-from chaos.run import RunOptions, run_chaos
+from chaos.run import RunOptions, recheck, run_chaos
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -43,6 +43,8 @@ def test_short_chaos_run_has_no_violation_and_loses_no_write(
     assert r["notes"] == []  # steady state before every fault, nothing left running
     assert result.report_path.is_file()
     assert result.timeline_path.stat().st_size > 10_000
+    again = recheck(tmp_path / "report")  # the saved histories give the same verdict
+    assert again.to_json() == {k: r[k] for k in again.to_json()}
 
 
 @pytest.mark.slow
