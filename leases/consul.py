@@ -136,6 +136,7 @@ class ConsulBackend(Backend):
         self._cert = (str(cert_cert), str(cert_key)) if cert_cert and cert_key else None
         self._client: Any = None
         self._closed = False
+        self._read_access_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -247,7 +248,24 @@ class ConsulBackend(Backend):
             )
 
         idx, entries = await self._call("read of all claims", get, timeout)
+        if not entries and not self._read_access_checked:
+            await self._check_read_access()
         return int(idx), entries or []
+
+    async def _check_read_access(self) -> None:
+        """Raise DCSUnavailable if the token may not read the claims.
+
+        Consul filters a recursive read by the ACLs: a token without ``key:read``
+        on the prefix reads as *no claims at all*, not as an error. A plain read
+        of one key under the prefix is refused with 403 instead, so it tells.
+        """
+        key = self.layout.claims_dir
+
+        async def get(c: Any) -> Any:
+            return await c.kv.get(key)
+
+        await self._call("read of the claims prefix (ACL check)", get)
+        self._read_access_checked = True
 
     def _snapshot(self, entries: list[Mapping[str, Any]]) -> dict[str, Claim]:
         claims: dict[str, Claim] = {}
