@@ -1,0 +1,116 @@
+"""etcd with authentication on: username/password reach every call, and never the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc  # type: ignore[import-untyped]
+import pytest
+from aetcd import rpc
+
+from leases import ClaimInfo, DCSUnavailable, Timing
+from leases.etcd import EtcdBackend
+from testbed.etcd import etcd_binary
+from testbed.ports import free_port
+from testbed.process import ManagedProcess
+
+PASSWORD = "s3cret-pa55word"
+# Authenticate costs a bcrypt check on the server (0.1 s and more on a busy machine):
+# a 1 s request timeout (ttl 10) leaves room for it.
+TIMING = Timing.for_ttl(10.0)
+
+
+async def _enable_auth(endpoint: str) -> None:
+    """root user with the root role, then auth on (as ``etcdctl user add root; auth enable``)."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        auth = rpc.AuthStub(channel)
+        await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"), timeout=5)
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=PASSWORD), timeout=5)
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=5)
+        await auth.AuthEnable(rpc.AuthEnableRequest(), timeout=5)
+
+
+@pytest.fixture
+async def auth_etcd(tmp_path: Path) -> AsyncIterator[str]:
+    """A single etcd of its own (auth cannot be turned on in the shared one)."""
+    client_port, peer_port = free_port(), free_port()
+    endpoint = f"127.0.0.1:{client_port}"
+    argv = [
+        etcd_binary(),
+        "--name", "auth0",
+        "--data-dir", str(tmp_path / "data"),
+        "--listen-client-urls", f"http://{endpoint}",
+        "--advertise-client-urls", f"http://{endpoint}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"auth0=http://127.0.0.1:{peer_port}",
+        "--logger", "zap",
+        "--log-outputs", "stderr",
+    ]  # fmt: skip
+    proc = ManagedProcess("etcd-auth", argv, tmp_path / "etcd.log")
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await _enable_auth(endpoint)
+                break
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline or not proc.running():
+                    raise AssertionError(f"etcd did not start: {proc.log_tail()}") from None
+                await asyncio.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.stop()
+
+
+async def test_password_auth_works_and_stays_out_of_logs(
+    auth_etcd: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    backend = EtcdBackend([auth_etcd], key_prefix, username="root", password=PASSWORD)
+    try:
+        assert PASSWORD not in repr(backend)
+        session = await backend.open_session("n", TIMING)
+        claim = await session.claim("@auth", ClaimInfo(node="n"))
+        assert claim is not None
+        assert await backend.owners() == {"@auth": claim}
+        events = backend.watch()
+        first = await asyncio.wait_for(anext(events), 5)
+        assert first.snapshot == {"@auth": claim}
+        await events.aclose()  # type: ignore[attr-defined]
+        assert await session._renew_once(TIMING.request_timeout)
+        assert not session.lost.is_set()
+        assert await session.release(claim)
+        await session.close()
+    finally:
+        await backend.close()
+    assert PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize("password", [None, "wrong"])
+async def test_missing_or_wrong_credentials_are_a_clear_error(
+    auth_etcd: str, key_prefix: str, password: str | None
+) -> None:
+    backend = EtcdBackend(
+        [auth_etcd], key_prefix, username="root" if password else None, password=password
+    )
+    refused = r"(?i)authentication failed|user name is empty"
+    try:
+        if password is None:
+            # etcd 3.4 grants leases to anyone; the claim is where auth bites.
+            session = await backend.open_session("n", TIMING)
+            with pytest.raises(DCSUnavailable, match=refused):
+                await session.claim("@auth", ClaimInfo(node="n"))
+            await session.close()
+        else:
+            with pytest.raises(DCSUnavailable, match=refused):
+                await backend.open_session("n", TIMING)
+        with pytest.raises(DCSUnavailable, match=refused):
+            await backend.owners()
+    finally:
+        await backend.close()
