@@ -283,6 +283,7 @@ def drain(
 ) -> None:
     """Move every atSign off this node, one by one; then claim nothing until `resume`."""
     cfg = _load(config)
+    earlier = len(_call(cfg, "GET", "/status")["handoff_reports"])
     typer.echo(_call(cfg, "POST", "/drain")["message"])
     if not wait:
         return
@@ -290,7 +291,7 @@ def drain(
     while time.monotonic() < end:
         st = _call(cfg, "GET", "/status")
         if st["drained"]:
-            _print_reports(st["handoff_reports"])
+            _print_reports(st["handoff_reports"][earlier:])
             typer.echo(f"{cfg.node.name} drained: holding nothing")
             return
         time.sleep(0.2)
