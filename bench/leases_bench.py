@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -338,6 +339,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
+    # SIGTERM (e.g. from `timeout`) must still run the finally blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if len(sys.argv) > 1 and sys.argv[1] == "--hold":
         kind, atsign, prefix, lock_delay, *where = sys.argv[2:]
         asyncio.run(hold(kind, atsign, prefix, float(lock_delay), where))
