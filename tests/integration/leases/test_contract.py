@@ -310,6 +310,10 @@ async def test_resume_session_by_id(dcs: DCS) -> None:
     assert resumed is not None and resumed.session_id == first.session_id
     assert resumed.state is SessionState.ALIVE
     assert await resumed.claim("@resumed", ClaimInfo(node="n")) == claim
+    # A session with another TTL than the caller's timing is refused: its deadline
+    # arithmetic would be wrong.
+    other_ttl = Timing.for_ttl(dcs.timing.ttl + 6)
+    assert await other.resume_session("n", other_ttl, first.session_id) is None
     await first.close(revoke=False)
     assert await other.resume_session("n", dcs.timing, "not-a-session") is None
     await resumed.close()  # revokes: the session is gone now
