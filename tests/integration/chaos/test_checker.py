@@ -127,3 +127,12 @@ def test_schedule_is_reproducible_per_seed() -> None:
     assert schedule(7, 30, kinds) == schedule(7, 30, kinds)
     assert schedule(7, 30, kinds) != schedule(8, 30, kinds)
     assert {f.kind for f in schedule(1, 200, kinds_for("consul"))} <= set(kinds_for("consul"))
+
+
+def test_overlap_after_an_etcd_leader_thaw_names_the_known_etcd_bug() -> None:
+    instances = [Instance("@a", "a1", 5, 0.0, 15.0), Instance("@a", "b1", 9, 14.0, None)]
+    thaw = FaultRecord("freeze-etcd-leader", "leader", 2.0, 11.0)
+    [v] = check(instances, [thaw], []).violations
+    assert v.check == "overlap" and "etcd#12528" in v.detail
+    [plain] = check(instances, [], []).violations
+    assert "etcd#12528" not in plain.detail
