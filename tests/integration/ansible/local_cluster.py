@@ -313,9 +313,14 @@ class Availability:
     max_gap: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
     failures: list[str] = field(default_factory=list)
+    seen: dict[str, list[str]] = field(default_factory=dict)
+    """Per atSign, the addresses it resolved to, in order (consecutive repeats folded)."""
 
-    def record(self, atsign: str, ok: bool, now: float, detail: str) -> None:
-        if ok:
+    def record(self, atsign: str, address: str | None, now: float, detail: str) -> None:
+        if address is not None:
+            history = self.seen.setdefault(atsign, [])
+            if not history or history[-1] != address:
+                history.append(address)
             gap = now - self.last_ok.get(atsign, self.started)
             self.max_gap[atsign] = max(self.max_gap.get(atsign, 0.0), gap)
             self.last_ok[atsign] = now
@@ -345,7 +350,7 @@ async def keep_resolving(
         results = await asyncio.gather(*(resolve_and_read(directories, a, ctx) for a in atsigns))
         now = clock()
         for atsign, (address, detail) in zip(atsigns, results, strict=True):
-            avail.record(atsign, address is not None, now, detail)
+            avail.record(atsign, address, now, detail)
         avail.rounds += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), pause)

@@ -154,7 +154,11 @@ async def test_rolling_upgrade_keeps_every_atsign_resolvable(cluster: Cluster) -
     cluster.results["upgrade_max_unresolvable_per_atsign_s"] = {
         a: round(g, 2) for a, g in sorted(avail.max_gap.items())
     }
+    cluster.results["upgrade_moves"] = avail.seen
     assert run.rc == 0, f"upgrade.yml failed (rc {run.rc}):\n{run.tail()}"
+    # Every node was drained once, so every atSign moved at least once, and the client saw it.
+    unmoved = {a: avail.seen.get(a, []) for a in inv.atsigns if len(avail.seen.get(a, [])) < 2}
+    assert not unmoved, f"atSigns that never moved during the upgrade: {unmoved}"
 
     # Every node and replica now runs the new version.
     hosts = set(inv.groups["swarm_nodes"]) | set(inv.groups["directory"])
