@@ -147,7 +147,10 @@ class DockerRunner:
 
     def _list_sync(self) -> list[Workload]:
         containers = self.client.containers.list(
-            all=True, filters={"label": [f"{LABEL_NODE}={self.node}"]}
+            all=True,
+            filters={"label": [f"{LABEL_NODE}={self.node}"]},
+            # a container removed between the list and its inspect is gone, not an error
+            ignore_removed=True,
         )
         return sorted((self._workload(c) for c in containers), key=lambda w: w.atsign)
 

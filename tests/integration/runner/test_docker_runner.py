@@ -66,7 +66,7 @@ async def make_docker_runner(
                 print(f"\n===== {runner.node} container log =====\n{await runner.logs(w.atsign)}")
                 await runner.stop(w.atsign, timeout=2.0)
             left = docker_client.containers.list(
-                all=True, filters={"label": [f"{LABEL_NODE}={runner.node}"]}
+                all=True, filters={"label": [f"{LABEL_NODE}={runner.node}"]}, ignore_removed=True
             )
             for c in left:  # should be none; remove them anyway so nothing stays behind
                 c.remove(force=True)

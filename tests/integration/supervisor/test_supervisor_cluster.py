@@ -289,9 +289,11 @@ def test_drain_resume_and_handoff(make_cluster: MakeCluster, backend: str) -> No
 
 
 def test_restarted_supervisor_adopts_its_running_workloads(make_cluster: MakeCluster) -> None:
-    # A longer ttl leaves time for the interpreter to start again before the deadline.
-    c = make_cluster("etcd", nodes=(("a1", "A"), ("b1", "B")), overrides={"timing.ttl": 8})
-    c.ttl = 8
+    # The restarted interpreter must renew before the fence's deadline (ttl/2, counted from the
+    # last renewal); on a loaded 2-core CI machine its start alone took over 2.7 s, so ttl 8
+    # made the fence stop the atServers (correctly) and the test flaky. ttl 16 leaves 8 s.
+    c = make_cluster("etcd", nodes=(("a1", "A"), ("b1", "B")), overrides={"timing.ttl": 16})
+    c.ttl = 16
     c.wait(c.all_once, 60, "every atSign running once and passing")
     victim = c.nodes["a1"]
     pids = {a: r["pid"] for a, r in victim.workload_records().items()}

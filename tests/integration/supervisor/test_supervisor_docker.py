@@ -34,7 +34,7 @@ def node_suffix(docker_client: Any) -> Iterator[str]:
     try:
         yield suffix
     finally:
-        for c in docker_client.containers.list(all=True):
+        for c in docker_client.containers.list(all=True, ignore_removed=True):
             if c.labels.get(LABEL_NODE, "").endswith(f"-{suffix}"):
                 with contextlib.suppress(Exception):
                     c.remove(force=True)
@@ -61,7 +61,9 @@ def test_docker_runner_cluster_and_sigkill_failover(
     )
 
     def containers(node: Node) -> dict[str, int]:
-        found = docker_client.containers.list(filters={"label": f"{LABEL_NODE}={node.name}"})
+        found = docker_client.containers.list(
+            filters={"label": f"{LABEL_NODE}={node.name}"}, ignore_removed=True
+        )
         return {x.labels[LABEL_ATSIGN]: int(x.labels[LABEL_TOKEN]) for x in found}
 
     c.observe = containers
