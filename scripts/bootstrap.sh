@@ -26,14 +26,15 @@ fi
 "$ROOT/scripts/install-consul.sh"
 
 # --- The venv ---------------------------------------------------------------
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [[ ! -x .venv/bin/python ]]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
 if [[ ! -f $stamp ]]; then
     log "installing the project and its dev extras into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    # setuptools/wheel in the venv: the rollout test builds the project's wheel without build isolation
+    .venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel >/dev/null
     if ! .venv/bin/python -m pip install -q -e '.[dev]' >.venv/pip-install.log 2>&1; then
         grep -v '^WARNING: Location' .venv/pip-install.log >&2
         log "pip install failed (full log: .venv/pip-install.log)"

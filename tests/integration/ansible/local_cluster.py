@@ -130,7 +130,16 @@ def build_wheel(workdir: Path, wheelhouse: Path, version: str) -> Path:
     (src / "pyproject.toml").write_text(pyproject)
     wheelhouse.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [str(VENV_BIN / "pip"), "wheel", "--no-deps", "-q", "-w", str(wheelhouse), str(src)],
+        [
+            str(VENV_BIN / "pip"),
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheelhouse),
+            str(src),
+        ],
         check=True,
         timeout=300,
     )
