@@ -171,7 +171,11 @@ class Node:
         client = docker.from_env()
         try:
             return list(
-                client.containers.list(all=True, filters={"label": f"atfailover.node={self.name}"})
+                client.containers.list(
+                    all=True,
+                    filters={"label": f"atfailover.node={self.name}"},
+                    ignore_removed=True,
+                )
             )
         finally:
             client.close()
