@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from atserver_runner.atomic_file import write_atomic
 from atserver_runner.base import ProbeResult, RunnerError, Workload, WorkloadSpec, WorkloadState
 from atserver_runner.probe import probe_atserver, probe_ssl_context
 
@@ -133,7 +134,7 @@ class ProcessRunner:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             found = _PidRecord(**{**rec.__dict__, "pid": proc.pid, "create_time": created})
-            _write_atomic(self.pid_file(rec.atsign), json.dumps(found.__dict__))
+            write_atomic(self.pid_file(rec.atsign), json.dumps(found.__dict__))
             return found
         return rec
 
@@ -229,7 +230,7 @@ class ProcessRunner:
         )
         # Recorded before spawning: if this process dies right after Popen, list() still
         # finds the workload (by the nonce in its environment) and the fence can stop it.
-        _write_atomic(self.pid_file(spec.atsign), json.dumps(intent.__dict__))
+        write_atomic(self.pid_file(spec.atsign), json.dumps(intent.__dict__))
         log_path = self.log_file(spec.atsign)
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -255,7 +256,7 @@ class ProcessRunner:
         except psutil.NoSuchProcess:
             create_time = time.time()  # exited already; list() shows it STOPPED
         rec = _PidRecord(**{**intent.__dict__, "pid": child.pid, "create_time": create_time})
-        _write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
+        write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
         return self._workload(rec)
 
     async def start(self, spec: WorkloadSpec) -> Workload:
@@ -320,12 +321,3 @@ class ProcessRunner:
         return await probe_atserver(
             rec.host, rec.port, timeout=timeout, ssl_context=self._probe_ssl, expect_atsign=atsign
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

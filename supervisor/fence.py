@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from atserver_runner.atomic_file import write_atomic
 from atserver_runner.base import Runner, WorkloadState
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,15 @@ class Heartbeat:
 
 def write_heartbeat(path: Path, hb: Heartbeat) -> None:
     """Atomically replace the heartbeat file (write a temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
+    # Not fsynced: the fence reads it through the page cache, and after a power loss
+    # there is no workload left to fence.
+    write_atomic(
+        path,
         json.dumps(
             {"pid": hb.pid, "deadline": hb.deadline, "written": hb.written, "state": hb.state}
-        )
+        ),
+        durable=False,
     )
-    os.replace(tmp, path)
 
 
 def read_heartbeat(path: Path) -> Heartbeat | None:

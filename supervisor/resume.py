@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from atserver_runner.atomic_file import write_atomic
 from leases.base import Backend, Session, Timing
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ class SessionRecord:
 
 def save_record(path: Path, rec: SessionRecord) -> None:
     """Atomically write the record (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rec.__dict__))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(rec.__dict__))
 
 
 def load_record(path: Path) -> SessionRecord | None:
