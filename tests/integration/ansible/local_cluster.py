@@ -181,8 +181,23 @@ class PlaybookRun:
                 tasks.append(f"{current} {line.split(']')[0]}]")
         return tasks
 
+    def failed_tasks(self, context: int = 12) -> list[str]:
+        """Each failed task with the lines Ansible printed for it (the reason)."""
+        lines = self.output.splitlines()
+        found: list[str] = []
+        current = ""
+        for i, line in enumerate(lines):
+            if line.startswith(("TASK [", "RUNNING HANDLER [")):
+                current = line.rstrip("* ")
+            elif line.startswith(("fatal: [", "failed: [")):
+                found.append("\n".join([current, *lines[i : i + context]]))
+        return found
+
     def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.output.splitlines()[-lines:])
+        """The failed tasks first (they may be far from the end), then the last lines."""
+        failed = self.failed_tasks()
+        head = ["failed tasks:", *failed, "", "last lines:"] if failed else []
+        return "\n".join([*head, *self.output.splitlines()[-lines:]])
 
 
 def run_playbook(root: Path, playbook: str, *extra: str) -> PlaybookRun:
