@@ -21,8 +21,9 @@ Checks:
 6. ``not-recovered``: every outage (a run of failed operations) of an atSign ends with a
    successful write before the history ends.
 
-Recovery time of a fault: for each atSign whose outage began between this fault and the
-next, the end of the outage minus the fault's start; the fault's recovery is the largest.
+Recovery time of a fault: for each atSign whose outage was first seen (a failed operation
+ended) between this fault and the next, the end of the outage minus the fault's start; the
+fault's recovery is the largest.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Outage:
     """Start of the first failed operation."""
     end: float | None
     """End of the first successful write after it; ``None`` if none came."""
+    seen: float
+    """End of the first failed operation: when the client saw the outage. Faults are matched
+    on this, since an operation in flight when a fault hits began before the fault."""
 
 
 @dataclass
@@ -225,16 +229,16 @@ def outages(ops: Iterable[OpRecord]) -> list[Outage]:
     out = []
     for atsign, mine in sorted(by_atsign.items()):
         mine.sort(key=lambda o: o.start)
-        begin: float | None = None
+        first: OpRecord | None = None
         for op in mine:
             if not op.ok:
-                if begin is None:
-                    begin = op.start
-            elif op.op == "write" and begin is not None:
-                out.append(Outage(atsign, begin, op.end))
-                begin = None
-        if begin is not None:
-            out.append(Outage(atsign, begin, None))
+                if first is None:
+                    first = op
+            elif op.op == "write" and first is not None:
+                out.append(Outage(atsign, first.start, op.end, first.end))
+                first = None
+        if first is not None:
+            out.append(Outage(atsign, first.start, None, first.end))
     return out
 
 
@@ -256,7 +260,7 @@ def fault_outcomes(
             )
         idx = None
         for k, f in enumerate(ordered):
-            if f.start <= o.start:
+            if f.start <= o.seen:
                 idx = k
         if idx is None:
             continue  # before the first fault (start-up)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from chaos.checker import FaultRecord
 from chaos.cluster import Cluster
+from testbed.etcd import EtcdCluster, EtcdMember
 
 ETCD_KINDS = ("kill-etcd-member", "kill-etcd-leader", "freeze-etcd-member", "freeze-etcd-leader")
 COMMON_KINDS = ("kill-supervisor", "kill-node", "pause-supervisor", "crash-workload")
@@ -140,7 +141,10 @@ async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
         if kind.endswith("leader"):
             member = await asyncio.to_thread(etcd.leader)
         else:
+            # The schedule names the member (reproducible); say whether it was the leader
+            # then, since that, not the kind, decides whether claims are at risk.
             member = etcd.members[fault.target % 3]
+            detail = f"{member.name} was {await asyncio.to_thread(_etcd_role_now, etcd, member)}"
         name = f"{member.name} ({cluster.etcd_role(member)})"
         assert member.process is not None
         if kind.startswith("kill"):
@@ -154,3 +158,11 @@ async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
     else:
         raise ValueError(f"unknown fault kind {kind!r}")
     return FaultRecord(kind, name, start, time.time(), detail, tuple(killed))
+
+
+def _etcd_role_now(etcd: EtcdCluster, member: EtcdMember) -> str:
+    """'the leader', 'a follower', or why that could not be told."""
+    try:
+        return "the leader" if etcd.leader() is member else "a follower"
+    except RuntimeError as err:
+        return f"of unknown role ({err})"

@@ -96,6 +96,19 @@ def test_outage_is_attributed_to_the_fault_it_began_after() -> None:
     assert len(outages(ops)) == 2
 
 
+def test_operation_in_flight_when_a_fault_hits_counts_for_that_fault() -> None:
+    """A write sent at 9.5 s fails at 10.4 s because of the crash at 10 s: the outage is the
+    crash's, not the previous fault's (it was charged to a follower freeze before)."""
+    freeze = FaultRecord("freeze-etcd-member", "etcd2", 0.0, 5.0)
+    crash = FaultRecord("crash-workload", "@a", 10.0, 10.0)
+    in_flight = OpRecord("@a", "write", "k", "v", 9.5, 10.4, False, "s", 1, "connection closed")
+    ops = [w("@a", 6.0), in_flight, w("@a", 11.0, ok=False), w("@a", 11.5)]
+    verdict = check([], [freeze, crash], ops)
+    assert verdict.outcomes[0].affected == [] and verdict.outcomes[0].recovery_s is None
+    assert verdict.outcomes[1].affected == ["@a"]
+    assert abs((verdict.outcomes[1].recovery_s or 0) - 1.51) < 1e-6
+
+
 def test_history_from_logs_uses_earliest_end_evidence(tmp_path: Path) -> None:
     logs = tmp_path / "a1" / "logs"
     logs.mkdir(parents=True)

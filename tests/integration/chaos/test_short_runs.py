@@ -41,6 +41,9 @@ def test_short_chaos_run_has_no_violation_and_loses_no_write(
     assert r["acknowledged_writes"] > 50
     assert r["verified_writes"] == r["acknowledged_writes"]
     assert len(r["faults"]) == faults
+    for f in r["faults"]:  # a member fault says whether it hit the leader
+        if f["kind"] in ("kill-etcd-member", "freeze-etcd-member"):
+            assert f["detail"].endswith(("was the leader", "was a follower")), f
     assert r["notes"] == []  # steady state before every fault, nothing left running
     assert result.report_path.is_file()
     assert result.timeline_path.stat().st_size > 10_000
