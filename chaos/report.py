@@ -49,7 +49,7 @@ def plot_timeline(
     fig, axes = plt.subplots(
         panels,
         1,
-        figsize=(max(10.0, min(span, panel_seconds) / 20), panels * (1 + 0.5 * len(atsigns))),
+        figsize=(max(10.0, span / 20), panels * (1 + 0.5 * len(atsigns))),
         squeeze=False,
     )
     bad = {v.atsign for v in verdict.violations}

@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,28 +171,28 @@ class PlaybookRun:
     def changed(self) -> int:
         return sum(r["changed"] for r in self.recap.values())
 
-    def changed_tasks(self) -> list[str]:
-        """The tasks that reported a change (for assertion messages)."""
-        tasks: list[str] = []
-        current = ""
-        for line in self.output.splitlines():
-            if line.startswith(("TASK [", "RUNNING HANDLER [")):
-                current = line.rstrip("* ")
-            elif line.startswith("changed: ["):
-                tasks.append(f"{current} {line.split(']')[0]}]")
-        return tasks
-
-    def failed_tasks(self, context: int = 12) -> list[str]:
-        """Each failed task with the lines Ansible printed for it (the reason)."""
+    def _results(self, prefixes: tuple[str, ...]) -> Iterator[tuple[str, int, list[str]]]:
+        """(task header, line index, all lines) for each result line starting with a prefix."""
         lines = self.output.splitlines()
-        found: list[str] = []
         current = ""
         for i, line in enumerate(lines):
             if line.startswith(("TASK [", "RUNNING HANDLER [")):
                 current = line.rstrip("* ")
-            elif line.startswith(("fatal: [", "failed: [")):
-                found.append("\n".join([current, *lines[i : i + context]]))
-        return found
+            elif line.startswith(prefixes):
+                yield current, i, lines
+
+    def changed_tasks(self) -> list[str]:
+        """The tasks that reported a change (for assertion messages)."""
+        return [
+            f"{task} {lines[i].split(']')[0]}]" for task, i, lines in self._results(("changed: [",))
+        ]
+
+    def failed_tasks(self, context: int = 12) -> list[str]:
+        """Each failed task with the lines Ansible printed for it (the reason)."""
+        return [
+            "\n".join([task, *lines[i : i + context]])
+            for task, i, lines in self._results(("fatal: [", "failed: ["))
+        ]
 
     def tail(self, lines: int = 60) -> str:
         """The failed tasks first (they may be far from the end), then the last lines."""
