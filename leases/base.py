@@ -17,8 +17,8 @@ import abc
 import asyncio
 import enum
 import math
-import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,13 @@ from typing import Any
 Clock = Callable[[], float]
 """A monotonic clock in seconds (``time.monotonic`` unless a test drives it)."""
 
-ATSIGN_RE = re.compile(r"^@[a-z0-9_\-.\u00a0-\uffff]{1,55}$")
+MAX_ATSIGN_CHARS = 55
+"""at_commons limits an atSign (without its ``@``) to 55 characters."""
+
+RESERVED_ATSIGN_CHARS = frozenset("!*'`();:&=+$,/?#[]{}")
+"""Characters the atPlatform reserves (at_utils ``AtUtils.fixAtSign``)."""
+
+ZERO_WIDTH_JOINER = "\u200d"
 
 
 class LeaseError(Exception):
@@ -45,14 +51,44 @@ class TimingError(ValueError):
     """A timing table violates the rules (see :class:`Timing`)."""
 
 
+def atsign_problem(name: str) -> str | None:
+    """Why ``name`` (lower case, without its ``@``) is not an atSign, or None if it is one.
+
+    The atPlatform's rules (at_utils ``AtUtils.fixAtSign``): one ``@`` only, none of the
+    reserved characters ``!*'`();:&=+$,/?#[]{}``, no white space, no ASCII or Unicode
+    control characters, and not only dots (dots are ignored in atSigns, so ``@..`` names
+    nothing). Stricter than the platform: no backslash and no other Unicode separator or
+    control/format character (category Z or C, but the zero-width joiner of emoji
+    sequences), so that an atSign is always one safe
+    path component and one line of the at protocol. At most 55 characters.
+    """
+    if not name:
+        return "empty"
+    if len(name) > MAX_ATSIGN_CHARS:
+        return f"longer than {MAX_ATSIGN_CHARS} characters"
+    if set(name) <= {"."}:
+        return "only dots (the atPlatform ignores dots, so it names nothing)"
+    for ch in name:
+        if ch == "@":
+            return "more than one '@'"
+        if ch in RESERVED_ATSIGN_CHARS or ch == "\\":
+            return f"reserved character {ch!r}"
+        if ch == ZERO_WIDTH_JOINER:  # joins emoji sequences, which atSigns may be
+            continue
+        if ch.isspace() or unicodedata.category(ch)[0] in "CZ" or "\u2400" <= ch <= "\u2425":
+            return f"character U+{ord(ch):04X} (white space or control) is not allowed"
+    return None
+
+
 def normalize_atsign(value: str) -> str:
-    """``Alice`` / ``@alice`` → ``@alice``; raise ValueError on anything else."""
+    """``Alice`` / ``@alice`` → ``@alice``; raise ValueError saying why for anything else."""
     name = value.strip().lower()
-    if not name.startswith("@"):
-        name = "@" + name
-    if not ATSIGN_RE.match(name) or "/" in name:
-        raise ValueError(f"not a valid atSign: {value!r}")
-    return name
+    if name.startswith("@"):
+        name = name[1:]
+    problem = atsign_problem(name)
+    if problem is not None:
+        raise ValueError(f"not a valid atSign: {value!r}: {problem}")
+    return "@" + name
 
 
 @dataclass(frozen=True)
@@ -172,6 +208,81 @@ class Claim:
     info: ClaimInfo
 
 
+@dataclass(frozen=True)
+class Generation:
+    """The latest recorded start of an atSign: outlives every claim (no lease, no session).
+
+    ``token`` is the fencing token of that start, which is also the record's own revision
+    (etcd mod_revision / Consul ModifyIndex), because the claim writes it in the same
+    transaction. ``dir_id`` names the data directory (its history) the start used,
+    ``prev`` the generation that directory held before it. ``accepted_by`` is set when an
+    operator recorded a data directory's state (``supervisor data accept``) instead of a start.
+    """
+
+    atsign: str
+    token: int
+    node: str
+    cloud: str = ""
+    dir_id: str = ""
+    prev: int = 0
+    time: float = 0.0
+    accepted_by: str = ""
+    client: str = ""
+    """The storage client instance that started it (see :class:`GenerationStamp`)."""
+    session: str = ""
+    """The session that claimed it: if that session still lives, its owner released the
+    atSign on purpose (a handoff); if not, the owner was lost."""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node": self.node,
+            "cloud": self.cloud,
+            "dir": self.dir_id,
+            "prev": self.prev,
+            "time": round(self.time, 3),
+        }
+        if self.accepted_by:
+            out["accepted_by"] = self.accepted_by
+        if self.client:
+            out["client"] = self.client
+        if self.session:
+            out["session"] = self.session
+        return out
+
+    @classmethod
+    def from_json_dict(cls, atsign: str, token: int, data: Mapping[str, Any]) -> Generation:
+        return cls(
+            atsign=atsign,
+            token=token,
+            node=str(data.get("node", "")),
+            cloud=str(data.get("cloud", "")),
+            dir_id=str(data.get("dir", "")),
+            prev=int(data.get("prev", 0) or 0),
+            time=float(data.get("time", 0.0) or 0.0),
+            accepted_by=str(data.get("accepted_by", "")),
+            client=str(data.get("client", "")),
+            session=str(data.get("session", "")),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationStamp:
+    """What a claim records as the atSign's new generation, in the claim's own transaction.
+
+    ``expected``: the token of the generation record the caller checked its data directory
+    against (0: there was no record). The claim fails (returns ``None``, a lost race) when
+    the record is no longer that one, so the check and the claim are one atomic step.
+    """
+
+    expected: int
+    dir_id: str
+    prev: int
+    cloud: str = ""
+    client: str = ""
+    """The storage client instance of the start (CephFS: ``client.a1/<global id>/<addr>``),
+    so a node taking the atSign over can fence exactly that client."""
+
+
 class ClaimEventKind(enum.Enum):
     PUT = "put"
     """A claim was created or its info changed."""
@@ -225,14 +336,25 @@ class Session(abc.ABC):
         """Set once, when the session is lost; never cleared."""
 
     @abc.abstractmethod
-    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+    async def claim(
+        self, atsign: str, info: ClaimInfo, *, generation: GenerationStamp | None = None
+    ) -> Claim | None:
         """Atomically create the atSign's claim bound to this session.
 
         Returns the claim with a fresh fencing token, or ``None`` if another
         session holds it (lost the race). If *this* session already holds it,
         returns the existing claim. Raises :class:`SessionLost` if the session
         is lost and :class:`DCSUnavailable` if the DCS cannot be reached.
+
+        With ``generation``, the same transaction also requires the atSign's generation
+        record to be ``generation.expected`` (absent for 0) and replaces it with a new one
+        whose token is the claim's token (``None`` when the record had changed: lost race).
         """
+
+    @abc.abstractmethod
+    async def publish_node(self, record: Mapping[str, Any]) -> None:
+        """Write this node's record (``<prefix>/nodes/<node>``, JSON) bound to the session:
+        it disappears when the session ends. Raises :class:`DCSUnavailable`."""
 
     @abc.abstractmethod
     async def release(self, claim: Claim) -> bool:
@@ -287,6 +409,13 @@ class Backend(abc.ABC):
         :class:`DCSUnavailable` when the DCS cannot be reached.
         """
 
+    async def revoke_session(self, session_id: str, timeout: float) -> None:
+        """End a session by id, deleting its claims now (the fence does this for a dead
+        supervisor once it stopped the node's workloads). A session that is gone already is
+        not an error; raises :class:`DCSUnavailable` when the DCS cannot be reached and
+        ``ValueError`` for an id this backend never issues."""
+        raise NotImplementedError(f"{type(self).__name__} cannot revoke a session by id")
+
     @abc.abstractmethod
     async def owner(self, atsign: str) -> Claim | None:
         """The current claim of one atSign, or ``None``."""
@@ -294,6 +423,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def owners(self) -> dict[str, Claim]:
         """Every current claim, keyed by atSign."""
+
+    @abc.abstractmethod
+    async def generation(self, atsign: str) -> Generation | None:
+        """The atSign's generation record, or ``None`` when it has none."""
+
+    @abc.abstractmethod
+    async def generations(self) -> dict[str, Generation]:
+        """Every generation record, keyed by atSign."""
+
+    @abc.abstractmethod
+    async def accept_generation(
+        self, atsign: str, expected: int, node: str, dir_id: str, prev: int
+    ) -> Generation | None:
+        """Record a data directory's state as the atSign's new generation (an operator's
+        restore), only while nobody claims the atSign and the record is still ``expected``
+        (0: absent). Returns the new record, ``None`` when that race was lost."""
+
+    @abc.abstractmethod
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """Every live node record (:meth:`Session.publish_node`), keyed by node name."""
 
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[ClaimEvent]:

@@ -11,6 +11,10 @@ is invalidated its keys are deleted.
   ``get(key)``; the fencing token is the key's ``ModifyIndex`` after the lock.
 - Release: one transaction ``check-index(key, token)``, ``check-session``, ``delete``
   (no lock-delay: only invalidation sets it).
+- Generation (data guard): the claim transaction also checks the atSign's generation
+  record (``check-index``, or ``check-not-exists``) and ``set``s the new one, so the
+  record's ModifyIndex is the claim's token and no round trip is added.
+- Node record: ``<prefix>/nodes/<node>`` acquired by the node's session (deleted with it).
 - Watch: blocking queries on the claims prefix, diffed into PUT/DELETE; after
   an error or an index that went backwards (agent restarted) a RESYNC. It is
   level-triggered: changes that cancel out between two reads are not reported.
@@ -20,12 +24,23 @@ is 10 s, the servers may take up to 2*TTL to invalidate an unrenewed session,
 and after an invalidation (expiry or destroy) ``lock_delay`` blocks new locks
 on its keys. A node dying is therefore seen by others after at most
 ``2 * ttl + lock_delay``.
+
+With ``session_check_ttl`` the session is also bound to health checks, which Consul
+acts on at once: the agent's ``serfHealth`` (the node died or left the gossip) and a TTL
+check of its own, ``atfailover-session-<node>`` on the agent, passed after every renewal
+the servers confirmed (the renewal, a server round trip, stays the proof that the session
+lives; a pass to a cut-off agent proves nothing). A dead node is then seen after the
+gossip's failure detection (a few seconds), a dead supervisor after ``session_check_ttl``,
+each plus ``lock_delay``. Because ``serfHealth`` may end the session at any moment, also
+right after a renewal, only the lock-delay keeps a standby out until the owner has noticed
+and stopped: ``renew_deadline + stop_budget < lock_delay`` (:func:`session_check_problems`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -47,13 +62,24 @@ from leases.base import (
     ClaimInfo,
     Clock,
     DCSUnavailable,
+    Generation,
+    GenerationStamp,
     LeaseError,
     SessionLost,
     Timing,
     TimingError,
     normalize_atsign,
 )
-from leases.keys import KeyLayout, decode_info, encode_info
+from leases.keys import (
+    KeyLayout,
+    decode_generation,
+    decode_info,
+    decode_json,
+    encode_info,
+    encode_json,
+    generation_value,
+    stamp_value,
+)
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.consul")
@@ -63,6 +89,46 @@ T = TypeVar("T")
 MAX_LOCK_DELAY = 60.0
 """Consul caps a session's lock-delay at 60 s."""
 MAX_TTL = 86400.0
+
+
+SERF_HEALTH = "serfHealth"
+"""The agent's gossip health check (critical when the node failed or left)."""
+SERF_DETECTION = 5.0
+"""Seconds Consul's LAN gossip takes to declare a dead agent failed (probe every 1 s, then
+the suspicion timeout): what a node's death adds before ``lock_delay``, roughly."""
+
+
+def session_check_id(node: str) -> str:
+    """The agent TTL check a node's session is bound to (one per node on a shared agent)."""
+    return f"atfailover-session-{node}"
+
+
+def session_check_problems(timing: Timing, check_ttl: float, lock_delay: float) -> list[str]:
+    """The rules a session bound to ``serfHealth`` and a ``check_ttl`` TTL check must keep.
+
+    - ``check_ttl >= 2 * renew_interval``: one late renewal must not fail the check;
+    - ``renew_deadline + stop_budget < lock_delay``: ``serfHealth`` can end the session at
+      any moment, also just after a renewal; the owner stops acting by
+      ``renew_deadline + stop_budget`` after its last renewal, and only the lock-delay keeps
+      a standby from locking before that.
+    """
+    out = []
+    if not (math.isfinite(check_ttl) and check_ttl > 0):
+        return [f"session_check_ttl must be a positive number of seconds, got {check_ttl!r}"]
+    if check_ttl < 2 * timing.renew_interval:
+        out.append(
+            f"session_check_ttl ({check_ttl:g}s) must be at least 2 x renew_interval "
+            f"({2 * timing.renew_interval:g}s): one late renewal would fail the check"
+        )
+    needed = timing.renew_deadline + timing.stop_budget
+    if not needed < lock_delay:
+        out.append(
+            f"lock_delay ({lock_delay:g}s) must be above renew_deadline + stop_budget "
+            f"({needed:g}s) when the session is bound to serfHealth: Consul may end the "
+            "session right after a renewal, and only the lock-delay keeps a standby out "
+            "until the owner has stopped"
+        )
+    return out
 
 
 def _duration(seconds: float) -> str:
@@ -82,6 +148,8 @@ class ConsulBackend(Backend):
     ``verify``: verify the server certificate (default True); ``ca_cert`` a CA
     file to verify it with; ``cert_cert``/``cert_key`` a client certificate.
     ``watch_wait``: the blocking-query wait of :meth:`watch`.
+    ``session_check_ttl``: bind sessions to ``serfHealth`` and a TTL check of this many
+    seconds (see the module docstring); None: TTL only.
     """
 
     min_ttl = 10.0
@@ -99,6 +167,7 @@ class ConsulBackend(Backend):
         cert_cert: str | Path | None = None,
         cert_key: str | Path | None = None,
         watch_wait: float = 5.0,
+        session_check_ttl: float | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         parts = urllib.parse.urlsplit(url.strip())
@@ -115,6 +184,12 @@ class ConsulBackend(Backend):
                 f"Consul lock_delay must be between 0 and {MAX_LOCK_DELAY:g} seconds, "
                 f"got {lock_delay!r}"
             )
+        if session_check_ttl is not None and not (
+            math.isfinite(session_check_ttl) and session_check_ttl >= 1
+        ):
+            raise ValueError(
+                f"Consul session_check_ttl must be at least 1 s, got {session_check_ttl!r}"
+            )
         if not watch_wait >= 1:
             raise ValueError(f"Consul watch_wait must be at least 1 s, got {watch_wait!r}")
         if (cert_cert is None) != (cert_key is None):
@@ -130,6 +205,7 @@ class ConsulBackend(Backend):
         self.request_timeout = request_timeout
         self.lock_delay = lock_delay
         self.watch_wait = watch_wait
+        self.session_check_ttl = session_check_ttl
         self.clock = clock
         self._token = token
         self._verify: bool | str = str(ca_cert) if ca_cert is not None else verify
@@ -141,7 +217,8 @@ class ConsulBackend(Backend):
     def __repr__(self) -> str:
         return (
             f"ConsulBackend(url={self.url!r}, prefix={self.layout.prefix!r}, "
-            f"lock_delay={self.lock_delay:g}, token={'<set>' if self._token else None})"
+            f"lock_delay={self.lock_delay:g}, session_check_ttl={self.session_check_ttl}, "
+            f"token={'<set>' if self._token else None})"
         )
 
     # --- timing -------------------------------------------------------------------------
@@ -150,9 +227,18 @@ class ConsulBackend(Backend):
         super().validate_timing(timing)
         if timing.ttl > MAX_TTL:
             raise TimingError(f"ttl ({timing.ttl}s) is above Consul's maximum of {MAX_TTL:g}s")
+        if self.session_check_ttl is not None:
+            problems = session_check_problems(timing, self.session_check_ttl, self.lock_delay)
+            if problems:
+                raise TimingError("; ".join(problems))
 
     def failover_bound(self, timing: Timing) -> float:
-        return 2 * timing.ttl + self.lock_delay
+        """Without checks: the servers may take 2 x ttl. With them: the check's TTL or the
+        gossip's detection, whichever applies (the ttl still bounds it)."""
+        if self.session_check_ttl is None:
+            return 2 * timing.ttl + self.lock_delay
+        detect = max(self.session_check_ttl, SERF_DETECTION)
+        return min(2 * timing.ttl, detect) + self.lock_delay
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -282,12 +368,16 @@ class ConsulBackend(Backend):
         if not node:
             raise ValueError("node name must not be empty")
         sent = self.clock()
+        checks: list[str] = []  # TTL only: no tie to the health of the agent we talk to
+        if self.session_check_ttl is not None:
+            await self._register_session_check(node, timing)
+            checks = [SERF_HEALTH, session_check_id(node)]
         body = {
             "Name": f"atfailover {node}",
             "TTL": _duration(timing.ttl),
             "LockDelay": _duration(self.lock_delay),
             "Behavior": "delete",
-            "Checks": [],  # TTL only: no tie to the health of the agent we talk to
+            "Checks": checks,
         }
 
         async def create(c: Any) -> Any:
@@ -305,13 +395,64 @@ class ConsulBackend(Backend):
         )
         session.start()
         log.info(
-            "event=session_opened backend=consul node=%s session=%s ttl=%s lock_delay=%s",
+            "event=session_opened backend=consul node=%s session=%s ttl=%s lock_delay=%s checks=%s",
             node,
             session_id,
             timing.ttl,
             self.lock_delay,
+            ",".join(checks) or "-",
         )
         return session
+
+    async def revoke_session(self, session_id: str, timeout: float) -> None:
+        if not session_id or any(c not in "0123456789abcdef-" for c in session_id.lower()):
+            raise ValueError(f"{session_id!r} is not a Consul session id")
+        await self._call(
+            "session destroy", lambda c: c.session.destroy(session_id), timeout
+        )  # Consul answers true for an unknown id too
+
+    async def _register_session_check(self, node: str, timing: Timing) -> None:
+        """(Re)register the node's session check on the agent, passing, so that a session
+        can be bound to it (Consul refuses to bind a critical check)."""
+        assert self.session_check_ttl is not None
+        check = {
+            "ID": session_check_id(node),
+            "Name": f"atfailover session of {node}",
+            "Notes": "passed after every renewal the Consul servers confirmed; critical: the "
+            "node's session (and its claims) end",
+            "TTL": _duration(self.session_check_ttl),
+            "Status": "passing",
+        }
+
+        async def register(c: Any) -> Any:
+            def parse(response: Any) -> Any:
+                consul.callback.CB._status(response)
+                return True
+
+            return await c.http.put(
+                parse,
+                "/v1/agent/check/register",
+                headers=c.prepare_headers(),
+                data=json.dumps(check),
+            )
+
+        await self._call(f"register the session check of {node}", register, timing.request_timeout)
+
+    async def _pass_session_check(self, node: str, timeout: float) -> None:
+        check_id = session_check_id(node)
+        await self._call(
+            f"pass the session check of {node}",
+            lambda c: c.agent.check.ttl_pass(check_id),
+            timeout,
+        )
+
+    async def _deregister_session_check(self, node: str, timeout: float) -> None:
+        check_id = session_check_id(node)
+        await self._call(
+            f"deregister the session check of {node}",
+            lambda c: c.agent.check.deregister(check_id),
+            timeout,
+        )
 
     async def resume_session(
         self, node: str, timing: Timing, session_id: str
@@ -351,6 +492,74 @@ class ConsulBackend(Backend):
     async def owners(self) -> dict[str, Claim]:
         _, entries = await self._read_entries()
         return self._snapshot(entries)
+
+    async def _read_prefix(self, what: str, prefix: str) -> list[Mapping[str, Any]]:
+        async def get(c: Any) -> Any:
+            return await c.kv.get(prefix, recurse=True)
+
+        _, entries = await self._call(what, get)
+        return list(entries or [])
+
+    def _generation_from_entry(self, entry: Mapping[str, Any]) -> Generation | None:
+        key = str(entry.get("Key", ""))
+        atsign = self.layout.atsign_of(key, self.layout.generations_dir)
+        if atsign is None:
+            return None
+        value = entry.get("Value")
+        if isinstance(value, str):  # transaction results carry base64 text
+            value = base64.b64decode(value)
+        return decode_generation(atsign, int(entry["ModifyIndex"]), value)
+
+    async def generation(self, atsign: str) -> Generation | None:
+        key = self.layout.generation_key(atsign)
+
+        async def get(c: Any) -> Any:
+            return await c.kv.get(key)
+
+        _, entry = await self._call(f"read of {atsign}'s generation", get)
+        return self._generation_from_entry(entry) if entry else None
+
+    async def generations(self) -> dict[str, Generation]:
+        out: dict[str, Generation] = {}
+        for entry in await self._read_prefix(
+            "read of all generations", self.layout.generations_dir
+        ):
+            g = self._generation_from_entry(entry)
+            if g is not None:
+                out[g.atsign] = g
+        return out
+
+    async def accept_generation(
+        self, atsign: str, expected: int, node: str, dir_id: str, prev: int
+    ) -> Generation | None:
+        atsign = normalize_atsign(atsign)
+        gen_key = self.layout.generation_key(atsign)
+        value = base64.b64encode(
+            generation_value(node, "", dir_id, prev, accepted_by=node)
+        ).decode()
+        payload = [
+            {"KV": {"Verb": "check-not-exists", "Key": self.layout.claim_key(atsign)}},
+            _generation_check(gen_key, expected),
+            {"KV": {"Verb": "set", "Key": gen_key, "Value": value}},
+            {"KV": {"Verb": "get", "Key": gen_key}},
+        ]
+        code, body = await self._txn(payload, f"accept of {atsign}'s generation")
+        if code != 200:
+            return None
+        # The last result is the ``get`` (the check and the set return entries too).
+        for r in reversed((body or {}).get("Results") or []):
+            kv = r.get("KV") or {}
+            if kv.get("Key") == gen_key and kv.get("Value"):
+                return self._generation_from_entry(kv)
+        return await self.generation(atsign)
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for entry in await self._read_prefix("read of the node records", self.layout.nodes_dir):
+            name = str(entry.get("Key", ""))[len(self.layout.nodes_dir) :]
+            if name and entry.get("Session"):
+                out[name] = decode_json(entry.get("Value"))
+        return out
 
     async def watch(self) -> AsyncIterator[ClaimEvent]:
         index = 0
@@ -418,31 +627,62 @@ class ConsulSession(RenewingSession):
         return await self._renew_info(timeout) is not None
 
     async def _renew_info(self, timeout: float) -> Mapping[str, Any] | None:
-        """One renewal; the session as Consul describes it, or None when it is gone."""
+        """One renewal; the session as Consul describes it, or None when it is gone.
+
+        With session checks, the renewal counts only once the session check is passed
+        too (after the servers confirmed the renewal): the check's TTL then runs from a
+        moment after the renewal was sent, which the deadline arithmetic assumes.
+        """
         sid = self._session_id
+        started = self._backend.clock()
         try:
             info = await self._backend._call(
                 "session renew", lambda c: c.session.renew(sid), timeout
             )
         except consul.NotFound:
             return None
+        if self._backend.session_check_ttl is not None:
+            left = max(0.05, timeout - (self._backend.clock() - started))
+            try:
+                await self._backend._pass_session_check(self.node, left)
+            except consul.NotFound:
+                return None  # the agent lost the check: Consul ends the session with it
         return info if isinstance(info, Mapping) else {}
 
     async def _revoke(self, timeout: float) -> None:
-        sid = self._session_id
-        await self._backend._call("session destroy", lambda c: c.session.destroy(sid), timeout)
+        await self._backend.revoke_session(self._session_id, timeout)
+        if self._backend.session_check_ttl is not None:
+            # Revoked: the check has nothing left to guard. Left behind, it would turn
+            # critical and, as a node check, every service on the agent's node with it.
+            with contextlib.suppress(LeaseError, consul.NotFound):
+                await self._backend._deregister_session_check(self.node, timeout)
 
-    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+    async def claim(
+        self, atsign: str, info: ClaimInfo, *, generation: GenerationStamp | None = None
+    ) -> Claim | None:
         atsign = normalize_atsign(atsign)
         self.ensure_usable()
         b = self._backend
         key = b.layout.claim_key(atsign)
         value = base64.b64encode(encode_info(info)).decode()
-        payload = [
-            {"KV": {"Verb": "check-not-exists", "Key": key}},
-            {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": self._session_id}},
-            {"KV": {"Verb": "get", "Key": key}},
-        ]
+        payload: list[dict[str, Any]] = [{"KV": {"Verb": "check-not-exists", "Key": key}}]
+        if generation is not None:
+            payload.append(_generation_check(b.layout.generation_key(atsign), generation.expected))
+        payload.append(
+            {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": self._session_id}}
+        )
+        if generation is not None:
+            gen_value = stamp_value(generation, info, self.session_id)
+            payload.append(
+                {
+                    "KV": {
+                        "Verb": "set",
+                        "Key": b.layout.generation_key(atsign),
+                        "Value": base64.b64encode(gen_value).decode(),
+                    }
+                }
+            )
+        payload.append({"KV": {"Verb": "get", "Key": key}})
         code, body = await b._txn(payload, f"claim of {atsign}")
         claim: Claim | None = None
         if code == 200:
@@ -500,6 +740,26 @@ class ConsulSession(RenewingSession):
                 claim.token,
             )
         return bool(deleted)
+
+    async def publish_node(self, record: Mapping[str, Any]) -> None:
+        self.ensure_usable()
+        b = self._backend
+        key = b.layout.node_key(self.node)
+        value = encode_json(dict(record))
+        sid = self._session_id
+
+        async def put(c: Any) -> Any:
+            return await c.kv.put(key, value, acquire=sid)
+
+        if not await b._call(f"node record of {self.node}", put):
+            raise DCSUnavailable(f"Consul refused the node record of {self.node} (session {sid})")
+
+
+def _generation_check(key: str, expected: int) -> dict[str, Any]:
+    """The record is still the one the caller checked (``expected``; 0: absent)."""
+    if expected <= 0:
+        return {"KV": {"Verb": "check-not-exists", "Key": key}}
+    return {"KV": {"Verb": "check-index", "Key": key, "Index": expected}}
 
 
 __all__ = ["ConsulBackend", "ConsulSession"]

@@ -11,6 +11,10 @@ the next one (several endpoints = one cluster).
 - Claim: ``Txn(create_revision(key) == 0 → put(key, info, lease) | range(key))``;
   the fencing token is the key's ``mod_revision`` (the txn's header revision).
 - Release: ``Txn(mod_revision(key) == token → delete(key))``.
+- Generation (data guard): the claim txn also compares the atSign's generation record
+  (``mod_revision == expected``, or absent) and puts the new one, without a lease, in the
+  same txn; so the record's mod_revision is the claim's token and no round trip is added.
+- Node record: ``put(<prefix>/nodes/<node>, lease)``.
 - Watch: one Watch stream per iterator, resumed from the last seen revision on
   another member after a failure; a compacted gap yields a RESYNC.
 """
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +41,8 @@ from leases.base import (
     ClaimInfo,
     Clock,
     DCSUnavailable,
+    Generation,
+    GenerationStamp,
     LeaseError,
     Session,
     SessionLost,
@@ -44,7 +50,16 @@ from leases.base import (
     TimingError,
     normalize_atsign,
 )
-from leases.keys import KeyLayout, decode_info, encode_info
+from leases.keys import (
+    KeyLayout,
+    decode_generation,
+    decode_info,
+    decode_json,
+    encode_info,
+    encode_json,
+    generation_value,
+    stamp_value,
+)
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.etcd")
@@ -62,6 +77,10 @@ _RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 }
+
+RANGE_PAGE = 5000
+"""Keys per page of a prefix read (a claim is about 300 bytes: 1.5 MB a page)."""
+MAX_RANGE_PAGES = 10_000
 
 _CHANNEL_OPTIONS = [
     # Reconnect to a restarted member within about a second, not after minutes.
@@ -349,6 +368,25 @@ class EtcdBackend(Backend):
         log.info("event=session_resumed backend=etcd node=%s lease=%s", node, session.session_id)
         return session
 
+    async def revoke_session(self, session_id: str, timeout: float) -> None:
+        try:
+            lease_id = int(session_id, 16)
+        except ValueError:
+            raise ValueError(f"{session_id!r} is not an etcd lease id") from None
+        await self._revoke_lease(lease_id, timeout)
+
+    async def _revoke_lease(self, lease_id: int, timeout: float) -> None:
+        async def revoke(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.lease.LeaseRevoke(
+                rpc.LeaseRevokeRequest(ID=lease_id), timeout=t, metadata=md
+            )
+
+        try:
+            await self._call("lease revoke", revoke, timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to do
+                raise DCSUnavailable(f"etcd lease revoke: {exc.details()}") from None
+
     async def owner(self, atsign: str) -> Claim | None:
         key = self.layout.claim_key(atsign).encode()
 
@@ -358,26 +396,116 @@ class EtcdBackend(Backend):
         resp = await self._call(f"read of {atsign}", get)
         return self._claim_from_kv(resp.kvs[0]) if resp.kvs else None
 
-    async def _snapshot(self) -> tuple[dict[str, Claim], int]:
-        start = self.layout.claims_dir.encode()
+    async def _range_pages(self, what: str, prefix: str) -> tuple[list[Any], int]:
+        """Every key under ``prefix`` at one revision, read in pages of RANGE_PAGE keys
+        (one answer for 100,000 claims would exceed gRPC's 4 MB message limit)."""
+        start = prefix.encode()
         end = _prefix_end(start)
+        key = start
+        revision = 0
+        kvs: list[Any] = []
+        for _ in range(MAX_RANGE_PAGES):
 
-        async def get(m: _Member, t: float, md: Metadata) -> Any:
-            return await m.kv.Range(
-                rpc.RangeRequest(key=start, range_end=end), timeout=t, metadata=md
-            )
+            async def get(
+                m: _Member, t: float, md: Metadata, key: bytes = key, revision: int = revision
+            ) -> Any:
+                return await m.kv.Range(
+                    rpc.RangeRequest(key=key, range_end=end, limit=RANGE_PAGE, revision=revision),
+                    timeout=t,
+                    metadata=md,
+                )
 
-        resp = await self._call("read of all claims", get)
+            resp = await self._call(what, get)
+            if revision == 0:
+                revision = int(resp.header.revision)
+            kvs.extend(resp.kvs)
+            if not resp.more or not resp.kvs:
+                return kvs, revision
+            key = bytes(resp.kvs[-1].key) + b"\0"
+        raise DCSUnavailable(f"etcd {what}: more than {MAX_RANGE_PAGES * RANGE_PAGE} keys")
+
+    async def _snapshot(self) -> tuple[dict[str, Claim], int]:
+        kvs, revision = await self._range_pages("read of all claims", self.layout.claims_dir)
         claims: dict[str, Claim] = {}
-        for kv in resp.kvs:
+        for kv in kvs:
             claim = self._claim_from_kv(kv)
             if claim is not None:
                 claims[claim.atsign] = claim
-        return claims, int(resp.header.revision)
+        return claims, revision
 
     async def owners(self) -> dict[str, Claim]:
         claims, _ = await self._snapshot()
         return claims
+
+    def _generation_from_kv(self, kv: Any) -> Generation | None:
+        atsign = self.layout.atsign_of(kv.key.decode(errors="replace"), self.layout.generations_dir)
+        if atsign is None:
+            return None
+        return decode_generation(atsign, int(kv.mod_revision), kv.value)
+
+    async def generation(self, atsign: str) -> Generation | None:
+        key = self.layout.generation_key(atsign).encode()
+
+        async def get(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Range(rpc.RangeRequest(key=key), timeout=t, metadata=md)
+
+        resp = await self._call(f"read of {atsign}'s generation", get)
+        return self._generation_from_kv(resp.kvs[0]) if resp.kvs else None
+
+    async def generations(self) -> dict[str, Generation]:
+        kvs, _ = await self._range_pages("read of all generations", self.layout.generations_dir)
+        out: dict[str, Generation] = {}
+        for kv in kvs:
+            g = self._generation_from_kv(kv)
+            if g is not None:
+                out[g.atsign] = g
+        return out
+
+    async def accept_generation(
+        self, atsign: str, expected: int, node: str, dir_id: str, prev: int
+    ) -> Generation | None:
+        atsign = normalize_atsign(atsign)
+        claim_key = self.layout.claim_key(atsign).encode()
+        gen_key = self.layout.generation_key(atsign).encode()
+        request = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(
+                    key=claim_key,
+                    target=rpc.Compare.CREATE,
+                    result=rpc.Compare.EQUAL,
+                    create_revision=0,
+                ),
+                _generation_compare(gen_key, expected),
+            ],
+            success=[
+                rpc.RequestOp(
+                    request_put=rpc.PutRequest(
+                        key=gen_key,
+                        value=generation_value(node, "", dir_id, prev, accepted_by=node),
+                    )
+                )
+            ],
+        )
+
+        async def txn(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Txn(request, timeout=t, metadata=md)
+
+        try:
+            resp = await self._call(f"accept of {atsign}'s generation", txn)
+        except grpc.aio.AioRpcError as exc:
+            raise DCSUnavailable(f"etcd accept of {atsign}: {exc.details()}") from None
+        if not resp.succeeded:
+            return None
+        return await self.generation(atsign)
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        kvs, _ = await self._range_pages("read of the node records", self.layout.nodes_dir)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            name = kv.key.decode(errors="replace")[len(self.layout.nodes_dir) :]
+            if name:
+                out[name] = decode_json(kv.value)
+        return out
 
     async def watch(self) -> AsyncIterator[ClaimEvent]:
         next_rev: int | None = None
@@ -578,36 +706,35 @@ class EtcdSession(RenewingSession):
         return int(reply.TTL)
 
     async def _revoke(self, timeout: float) -> None:
-        lease_id = self.lease_id
+        await self._backend._revoke_lease(self.lease_id, timeout)
 
-        async def revoke(m: _Member, t: float, md: Metadata) -> Any:
-            return await m.lease.LeaseRevoke(
-                rpc.LeaseRevokeRequest(ID=lease_id), timeout=t, metadata=md
-            )
-
-        try:
-            await self._backend._call("lease revoke", revoke, timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to do
-                raise DCSUnavailable(f"etcd lease revoke: {exc.details()}") from None
-
-    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+    async def claim(
+        self, atsign: str, info: ClaimInfo, *, generation: GenerationStamp | None = None
+    ) -> Claim | None:
         atsign = normalize_atsign(atsign)
         self.ensure_usable()
         b = self._backend
         key = b.layout.claim_key(atsign).encode()
         value = encode_info(info)
-        compare = rpc.Compare(
-            key=key,
-            target=rpc.Compare.CREATE,
-            result=rpc.Compare.EQUAL,
-            create_revision=0,
-        )
+        compare = [
+            rpc.Compare(
+                key=key,
+                target=rpc.Compare.CREATE,
+                result=rpc.Compare.EQUAL,
+                create_revision=0,
+            )
+        ]
+        success = [
+            rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=self.lease_id))
+        ]
+        if generation is not None:
+            gen_key = b.layout.generation_key(atsign).encode()
+            compare.append(_generation_compare(gen_key, generation.expected))
+            gen_value = stamp_value(generation, info, self.session_id)
+            success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=gen_key, value=gen_value)))
         request = rpc.TxnRequest(
-            compare=[compare],
-            success=[
-                rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=self.lease_id))
-            ],
+            compare=compare,
+            success=success,
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
         )
 
@@ -679,6 +806,34 @@ class EtcdSession(RenewingSession):
                 claim.token,
             )
         return bool(resp.succeeded)
+
+    async def publish_node(self, record: Mapping[str, Any]) -> None:
+        self.ensure_usable()
+        b = self._backend
+        key = b.layout.node_key(self.node).encode()
+        value = encode_json(dict(record))
+        lease_id = self.lease_id
+
+        async def put(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Put(
+                rpc.PutRequest(key=key, value=value, lease=lease_id), timeout=t, metadata=md
+            )
+
+        try:
+            await b._call(f"node record of {self.node}", put)
+        except grpc.aio.AioRpcError as exc:
+            raise DCSUnavailable(f"etcd node record of {self.node}: {exc.details()}") from None
+
+
+def _generation_compare(key: bytes, expected: int) -> Any:
+    """The record is still the one the caller checked (``expected``; 0: absent)."""
+    if expected <= 0:
+        return rpc.Compare(
+            key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0
+        )
+    return rpc.Compare(
+        key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=expected
+    )
 
 
 def _prefix_end(prefix: bytes) -> bytes:

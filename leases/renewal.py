@@ -29,6 +29,10 @@ log = logging.getLogger("leases.renewal")
 Sleep = Callable[[float], Awaitable[None]]
 
 
+RENEW_NOW_MIN_GAP = 0.05
+"""Seconds between a renewal and one asked for by :meth:`RenewingSession.renew_now`."""
+
+
 class RenewalTracker:
     """Deadline and state of one session, evaluated against ``clock``.
 
@@ -131,6 +135,7 @@ class RenewingSession(Session):
         self.clock = clock
         self.tracker = RenewalTracker(timing, clock, granted_sent_at)
         self._sleep = sleep
+        self._wake = asyncio.Event()
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cleanup: asyncio.Task[None] | None = None
@@ -194,7 +199,7 @@ class RenewingSession(Session):
             now = self.clock()
             wake = min(t.next_attempt_at(now), t.deadline)
             if wake > now:
-                await self._sleep(wake - now)
+                await self._nap(wake - now)
             if t.check_deadline():
                 break
             sent = self.clock()
@@ -229,6 +234,35 @@ class RenewingSession(Session):
             t.succeeded(sent)
             self.renewals += 1
         self._declare_lost(t.lost_reason or "lost")
+
+    def renew_now(self) -> None:
+        """Renew at once instead of at the next scheduled time: the caller saw a sign that
+        the session may be gone (its own claim deleted while the keepalives succeed, which
+        an old etcd leader's lessor does after it stepped down: etcd#12528, #15247). A
+        revoked lease then answers TTL 0, so the loss is known within one round trip."""
+        self._wake.set()
+
+    @property
+    def renew_pending(self) -> bool:
+        """A :meth:`renew_now` has not been acted on yet."""
+        return self._wake.is_set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until :meth:`renew_now`; never closer than 50 ms to the last
+        renewal sent (a burst of wake-ups, e.g. a drain's releases, renews a few times)."""
+        if not self._wake.is_set():
+            sleeper = asyncio.ensure_future(self._sleep(seconds))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sleeper, waker):
+                    task.cancel()
+        if self._wake.is_set():
+            self._wake.clear()
+            gap = self.tracker.last_ok_sent + RENEW_NOW_MIN_GAP - self.clock()
+            if gap > 0:
+                await self._sleep(gap)
 
     def _declare_lost(self, reason: str) -> None:
         if self._lost.is_set():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
 
 from leases import DCSUnavailable, SessionState, Timing
-from leases.base import Claim, ClaimInfo
+from leases.base import Claim, ClaimInfo, GenerationStamp
 from leases.renewal import RenewalTracker, RenewingSession
 
 TIMING = Timing(ttl=6, renew_interval=1, renew_deadline=3, stop_budget=1, request_timeout=0.5)
@@ -79,12 +80,17 @@ class ScriptedSession(RenewingSession):
     async def _revoke(self, timeout: float) -> None:
         self.revoked += 1
 
-    async def claim(self, atsign: str, info: ClaimInfo) -> Claim | None:
+    async def claim(
+        self, atsign: str, info: ClaimInfo, *, generation: GenerationStamp | None = None
+    ) -> Claim | None:
         self.ensure_usable()
         return None
 
     async def release(self, claim: Claim) -> bool:
         return False
+
+    async def publish_node(self, record: Mapping[str, Any]) -> None:
+        self.ensure_usable()
 
 
 def _self_advancing(session: ScriptedSession, clock: FakeClock) -> list[tuple[float, SessionState]]:
@@ -132,4 +138,28 @@ async def test_failing_renewals_suspend_then_lose_exactly_at_the_deadline() -> N
     assert len(session.script) < 1000 - 3, "several retries before the deadline"
     with pytest.raises(Exception, match="renew_deadline"):
         await session.claim("@alice", ClaimInfo(node="n"))
+    await session.close(revoke=False)
+
+
+async def test_renew_now_renews_before_the_scheduled_time() -> None:
+    """A scheduled renewal is a second away (the fake sleep never ends by itself);
+    ``renew_now`` makes the loop renew at once, and the DCS saying 'gone' loses it."""
+    clock = FakeClock()
+    session = ScriptedSession([False], clock)
+    calls: list[float] = []
+
+    async def sleep_forever(seconds: float) -> None:
+        calls.append(seconds)
+        await asyncio.Event().wait()
+
+    session._sleep = sleep_forever
+    session.start()
+    await asyncio.sleep(0.05)
+    assert not session.lost.is_set() and calls, "the loop should be waiting for its schedule"
+    clock.now += 0.1  # past the 50 ms minimum gap after the grant
+    session.renew_now()
+    assert session.renew_pending
+    await asyncio.wait_for(session.lost.wait(), 2)
+    assert "expired or revoked" in (session.lost_reason or "")
+    assert not session.renew_pending
     await session.close(revoke=False)

@@ -6,7 +6,7 @@ import pytest
 
 from leases import Timing, TimingError, normalize_atsign, open_backend
 from leases.base import ClaimInfo
-from leases.consul import ConsulBackend
+from leases.consul import ConsulBackend, session_check_problems
 from leases.etcd import EtcdBackend, parse_endpoint
 from leases.keys import KeyLayout, decode_info, encode_info
 
@@ -123,7 +123,35 @@ def test_atsign_normalization(name: str) -> None:
     assert normalize_atsign(name) == "@alice"
 
 
-@pytest.mark.parametrize("bad", ["", "@", "@a/b", "@a b", "@" + "x" * 56])
+@pytest.mark.parametrize(
+    "name", ["@colin.constable", "@a_b-c", "@🦄", "@👨\u200d👩\u200d👧", "@" + "x" * 55, "@%~"]
+)
+def test_atsigns_the_atplatform_allows(name: str) -> None:
+    assert normalize_atsign(name) == name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "@",
+        "@a/b",
+        "@a\\b",
+        "@..",
+        "@.",
+        "@...",
+        "@a b",
+        "@a\tb",
+        "@a@b",
+        "@a:b",
+        "@a?b",
+        "@a#b",
+        "@a\x00b",
+        "@a\u2028b",
+        "@a\u202eb",
+        "@" + "x" * 56,
+    ],
+)
 def test_bad_atsigns_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid atSign"):
         normalize_atsign(bad)
@@ -138,3 +166,23 @@ def test_key_layout_and_info_round_trip() -> None:
     assert decode_info(encode_info(info)) == info
     assert decode_info(b"{not json").extra["error"] == "claim value is not JSON"
     assert parse_endpoint("https://127.0.0.1:2379/") == ("127.0.0.1:2379", True)
+
+
+def test_consul_session_checks_rules_and_failover_bound() -> None:
+    t = Timing.for_ttl(10)  # renew 1.67 s, deadline 5 s, stop budget 2 s
+    assert session_check_problems(t, 4, 8) == []
+    problems = session_check_problems(t, 3, 6)
+    assert any("at least 2 x renew_interval" in p for p in problems), problems
+    assert any(
+        "lock_delay (6s) must be above renew_deadline + stop_budget (7s)" in p for p in problems
+    )
+    b = ConsulBackend("http://127.0.0.1:8500", "p", lock_delay=8, session_check_ttl=4)
+    b.validate_timing(t)
+    # A dead supervisor: the check's 4 s; a dead node: the gossip's ~5 s; then the lock-delay.
+    assert b.failover_bound(t) == 5 + 8
+    with pytest.raises(TimingError, match="lock_delay"):
+        ConsulBackend(
+            "http://127.0.0.1:8500", "p", lock_delay=5, session_check_ttl=4
+        ).validate_timing(t)
+    with pytest.raises(ValueError, match="session_check_ttl must be at least 1 s"):
+        ConsulBackend("http://127.0.0.1:8500", "p", session_check_ttl=0.5)

@@ -321,6 +321,20 @@ async def test_resume_session_by_id(dcs: DCS) -> None:
     assert await other.owner("@resumed") is None
 
 
+async def test_revoke_session_by_id_frees_its_claims_at_once(dcs: DCS) -> None:
+    """What the fence does for a dead supervisor: another client ends the session by id."""
+    holder = await dcs.make().open_session("n", dcs.timing)
+    assert await holder.claim("@revoked", ClaimInfo(node="n")) is not None
+    fence = dcs.make()
+    await fence.revoke_session(holder.session_id, dcs.timing.request_timeout * 3)
+    assert await fence.owner("@revoked") is None
+    await asyncio.wait_for(holder.lost.wait(), dcs.timing.ttl)  # it hears of it, too
+    await fence.revoke_session(holder.session_id, dcs.timing.request_timeout * 3)  # gone: ok
+    with pytest.raises(ValueError, match=r"is not an? (etcd lease|Consul session) id"):
+        await fence.revoke_session("not a session!", 1.0)
+    await holder.close()
+
+
 async def test_bad_input_gives_clear_errors(dcs: DCS) -> None:
     backend = dcs.make()
     with pytest.raises(TimingError, match="minimum"):
