@@ -8,7 +8,7 @@ the claim it holds. Blocking SDK calls run in threads (``asyncio.to_thread``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -16,6 +16,18 @@ from typing import Protocol, runtime_checkable
 
 class RunnerError(Exception):
     """A runner could not do what it was asked (with a message saying what and for which atSign)."""
+
+
+def check_data_dir(data_root: Path | None, spec: WorkloadSpec) -> None:
+    """RunnerError unless ``spec.data_dir`` lies inside ``data_root`` (when one is set)."""
+    from atserver_runner.paths import PathEscape, ensure_within
+
+    if data_root is None:
+        return
+    try:
+        ensure_within(data_root, spec.data_dir, f"{spec.atsign}: data directory")
+    except PathEscape as exc:
+        raise RunnerError(f"{exc}: refusing to start") from None
 
 
 @dataclass(frozen=True)
@@ -103,4 +115,13 @@ class Runner(Protocol):
 
     async def probe(self, atsign: str, timeout: float = 2.0) -> ProbeResult:
         """An at-protocol round trip over TLS to the atSign's atServer."""
+        ...
+
+    async def inspect(self, atsign: str) -> Workload | None:
+        """The atSign's workload on this node now (running or exited), or ``None``."""
+        ...
+
+    def events(self) -> AsyncIterator[str]:
+        """atSigns whose workload changed (exited, started, removed), as it happens; a
+        consumer then :meth:`inspect` s them. Ends only when the consumer stops iterating."""
         ...

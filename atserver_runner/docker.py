@@ -27,11 +27,18 @@ import os
 import ssl
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from atserver_runner.base import ProbeResult, RunnerError, Workload, WorkloadSpec, WorkloadState
+from atserver_runner.base import (
+    ProbeResult,
+    RunnerError,
+    Workload,
+    WorkloadSpec,
+    WorkloadState,
+    check_data_dir,
+)
 from atserver_runner.probe import probe_atserver, probe_ssl_context
 from atserver_runner.process import safe_name
 
@@ -46,6 +53,7 @@ CONTAINER_TLS_DIR = "/run/atserver-tls"
 DEFAULT_CONTAINER_PORT = 6464
 DEFAULT_CONTAINER_UID = 10001
 STOP_POLL_S = 0.05
+WATCHED_ACTIONS = frozenset({"start", "die", "destroy", "oom", "pause", "unpause"})
 KILL_WAIT_S = 10.0
 
 
@@ -77,7 +85,8 @@ class DockerRunner:
     copied into every container at ``/run/atserver-tls/{cert,key}.pem``.
     ``run_as``: ``"uid:gid"`` for the container; by default the caller's uid:gid, or
     ``10001:10001`` when the caller is root, in which case the data dir is chown'ed to it so
-    the non-root server can write there.
+    the non-root server can write there. ``data_root``: when given, a spec whose data
+    directory is not inside it is refused before any Docker call or chown.
     """
 
     def __init__(
@@ -93,10 +102,12 @@ class DockerRunner:
         run_as: str | None = None,
         probe_ca: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
+        data_root: Path | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("DockerRunner: give both tls_cert and tls_key, or neither")
         self.node = node
+        self.data_root = data_root
         self.client = client
         self.image = image
         self.publish_host = publish_host
@@ -171,6 +182,8 @@ class DockerRunner:
     def _start_sync(self, spec: WorkloadSpec) -> Workload:
         import docker.errors
 
+        # Before any Docker call: as root, the data dir is chown'ed recursively below.
+        check_data_dir(self.data_root, spec)
         existing = self._get(spec.atsign)
         if existing is not None:
             current = self._workload(existing)
@@ -310,6 +323,56 @@ class DockerRunner:
             return bytes(container.logs(tail=tail)).decode(errors="replace")
 
         return await asyncio.to_thread(read)
+
+    async def inspect(self, atsign: str) -> Workload | None:
+        """The atSign's container (running or exited), or ``None``."""
+
+        def one() -> Workload | None:
+            import docker.errors
+
+            try:
+                container = self._get(atsign)
+            except docker.errors.NotFound:  # removed between lookup and inspect
+                return None
+            return None if container is None else self._workload(container)
+
+        return await asyncio.to_thread(one)
+
+    async def events(self) -> AsyncIterator[str]:
+        """atSigns whose container started, died or was removed (Docker's event stream,
+        filtered to this node's label), as it happens."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException] = asyncio.Queue()
+        stream = await asyncio.to_thread(
+            self.client.events,
+            decode=True,
+            filters={"type": "container", "label": f"{LABEL_NODE}={self.node}"},
+        )
+
+        def pump() -> None:
+            try:
+                for event in stream:
+                    if event.get("Action") not in WATCHED_ACTIONS:
+                        continue
+                    atsign = ((event.get("Actor") or {}).get("Attributes") or {}).get(LABEL_ATSIGN)
+                    if atsign:
+                        loop.call_soon_threadsafe(queue.put_nowait, atsign)
+            except Exception as exc:  # the engine went away: the consumer sees it
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        reader = asyncio.create_task(asyncio.to_thread(pump))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise RunnerError(f"Docker event stream of node {self.node} ended: {item}")
+                yield item
+        finally:
+            stream.close()
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
 
     # --- probing -----------------------------------------------------------------------------
 

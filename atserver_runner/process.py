@@ -8,6 +8,10 @@ again after a supervisor restart and never mistakes a recycled PID for one of th
 That file is first written *before* the process is spawned, with a nonce that is also put
 in the process's environment: if the supervisor dies between spawning and recording the
 PID, the next ``list()`` (e.g. by the fence) still finds the process through the nonce.
+
+:meth:`ProcessRunner.events` reports an exit the moment it happens: a pidfd per running
+workload (``os.pidfd_open``, which works for processes that are not our children too, such
+as those adopted after a restart) becomes readable when the process ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ssl
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,14 @@ from typing import Any
 import psutil
 
 from atserver_runner.atomic_file import write_atomic
-from atserver_runner.base import ProbeResult, RunnerError, Workload, WorkloadSpec, WorkloadState
+from atserver_runner.base import (
+    ProbeResult,
+    RunnerError,
+    Workload,
+    WorkloadSpec,
+    WorkloadState,
+    check_data_dir,
+)
 from atserver_runner.probe import probe_atserver, probe_ssl_context
 
 CREATE_TIME_TOLERANCE_S = 0.05
@@ -88,7 +100,8 @@ class ProcessRunner:
 
     ``state_dir`` must be private to this node (two nodes never share it).
     ``probe_ca``: verify probes against this CA; by default probes skip certificate checks
-    (a local liveness check, not an identity check).
+    (a local liveness check, not an identity check). ``data_root``: when given, a spec whose
+    data directory is not inside it is refused before anything is created.
     """
 
     def __init__(
@@ -98,13 +111,17 @@ class ProcessRunner:
         *,
         probe_ca: Path | None = None,
         inherit_env: bool = True,
+        data_root: Path | None = None,
     ) -> None:
         self.node = node
+        self.data_root = data_root
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
         self.inherit_env = inherit_env
         self._probe_ssl: ssl.SSLContext = probe_ssl_context(probe_ca)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._watch: Callable[[str, int], None] | None = None
+        """Set while :meth:`events` runs: watch (atSign, pid) for its exit (thread-safe)."""
         state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -190,7 +207,10 @@ class ProcessRunner:
             except (ValueError, KeyError, TypeError, FileNotFoundError):
                 continue  # not ours, or removed meanwhile
             if rec.node == self.node:
-                out.append(self._workload(rec))
+                w = self._workload(rec)
+                out.append(w)
+                if w.state is WorkloadState.RUNNING and self._watch is not None:
+                    self._watch(rec.atsign, rec.pid)
         return out
 
     async def list(self) -> list[Workload]:
@@ -200,6 +220,7 @@ class ProcessRunner:
     # --- starting ----------------------------------------------------------------------------
 
     def _start_sync(self, spec: WorkloadSpec) -> Workload:
+        check_data_dir(self.data_root, spec)
         rec = self._read(spec.atsign)
         if rec is not None and self._alive(rec):
             if rec.fencing_token == spec.fencing_token:
@@ -257,6 +278,8 @@ class ProcessRunner:
             create_time = time.time()  # exited already; list() shows it STOPPED
         rec = _PidRecord(**{**intent.__dict__, "pid": child.pid, "create_time": create_time})
         write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
+        if self._watch is not None:
+            self._watch(spec.atsign, child.pid)
         return self._workload(rec)
 
     async def start(self, spec: WorkloadSpec) -> Workload:
@@ -311,6 +334,58 @@ class ProcessRunner:
 
         ``False`` if nothing was running (a stale pid file is removed all the same)."""
         return await asyncio.to_thread(self._stop_sync, atsign, timeout)
+
+    async def inspect(self, atsign: str) -> Workload | None:
+        """The atSign's workload (from its pid file), or ``None``."""
+
+        def one() -> Workload | None:
+            rec = self._read(atsign)
+            return None if rec is None or rec.node != self.node else self._workload(rec)
+
+        return await asyncio.to_thread(one)
+
+    async def events(self) -> AsyncIterator[str]:
+        """atSigns whose process ended, as it ends (and those found exited by ``list()``)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        watched: dict[int, tuple[int, str]] = {}  # pid -> (pidfd, atSign)
+
+        def exited(pid: int) -> None:
+            fd, atsign = watched.pop(pid, (-1, ""))
+            if fd >= 0:
+                loop.remove_reader(fd)
+                os.close(fd)
+            if atsign:
+                queue.put_nowait(atsign)
+
+        def watch(atsign: str, pid: int) -> None:
+            if pid in watched:
+                return
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                queue.put_nowait(atsign)  # already gone
+                return
+            except OSError:
+                return  # no pidfd (old kernel): the periodic list() finds it
+            watched[pid] = (fd, atsign)
+            loop.add_reader(fd, exited, pid)
+
+        def watch_threadsafe(atsign: str, pid: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(watch, atsign, pid)
+
+        self._watch = watch_threadsafe
+        try:
+            await self.list()  # watch what already runs
+            while True:
+                yield await queue.get()
+        finally:
+            self._watch = None
+            for pid in list(watched):
+                fd, _ = watched.pop(pid)
+                loop.remove_reader(fd)
+                os.close(fd)
 
     # --- probing -----------------------------------------------------------------------------
 

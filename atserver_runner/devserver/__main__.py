@@ -2,7 +2,7 @@
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 could not start (TLS files, port, storage);
 2 bad arguments; 3 the fence file holds a higher token (refused to start);
-4 a higher token took over while serving (stopped).
+4 a higher token took over while serving (stopped); 5 the storage stopped answering (stopped).
 """
 
 from __future__ import annotations

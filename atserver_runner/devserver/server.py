@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from atserver_runner.devserver import protocol as p
-from atserver_runner.devserver.fence import Fence, FenceError
+from atserver_runner.devserver.fence import Fence, FenceError, read_fence
 from atserver_runner.devserver.store import KeyStore, Record
 
 VERSION = "0.1.0-dev"
@@ -41,6 +41,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_FENCED_AT_START = 3
 EXIT_FENCED_WHILE_RUNNING = 4
+EXIT_STORAGE_LOST = 5
 
 
 def log_event(event: str, *, json_logs: bool = False, **fields: Any) -> None:
@@ -80,7 +81,12 @@ class DevServerConfig:
 
 
 class Fenced(Exception):
-    """A higher fencing token took over the data directory while we were serving."""
+    """A higher fencing token took over the data directory while we were serving, or the
+    storage stopped answering: no write is acknowledged any more."""
+
+
+class StorageLost(Exception):
+    """The data directory stopped answering (e.g. ESHUTDOWN after a CephFS eviction)."""
 
 
 class Backend:
@@ -94,6 +100,8 @@ class Backend:
         self.started = time.monotonic()
         self._write_lock = asyncio.Lock()
         self.fenced = False
+        self.storage_lost: str | None = None
+        """Why the storage stopped answering, once it did (the server then stops)."""
 
     def open(self) -> None:
         """Claim the fence (FenceError if a higher token is there), then load the data."""
@@ -125,12 +133,31 @@ class Backend:
             except FenceError as exc:
                 self.fenced = True
                 raise Fenced(str(exc)) from exc
+            except (StorageLost, OSError) as exc:
+                self.fenced = True
+                self.storage_lost = str(exc)
+                raise Fenced(f"the storage did not confirm the write: {exc}") from exc
 
     def _write_sync(self, op: str, key: str, value: str, meta: dict[str, Any]) -> Any:
         with self.fence.held():
-            if op == "put":
-                return self.store.put(key, value, meta)
-            return self.store.delete(key)
+            result = self.store.put(key, value, meta) if op == "put" else self.store.delete(key)
+        self.confirm()
+        return result
+
+    def confirm(self) -> None:
+        """A fresh operation on the storage after the fsync, before a write is acknowledged.
+
+        On CephFS a client that was frozen, evicted and blocklisted, then thawed, got
+        success from ``fsync()`` for a record that never reached the file; only the next
+        operation failed (ESHUTDOWN). So the fence file is opened and read again: a higher
+        token raises FenceError, any error StorageLost, and the write is not acknowledged.
+        """
+        try:
+            current = read_fence(self.config.data_dir)
+        except OSError as exc:
+            raise StorageLost(f"{self.fence.path}: {exc.strerror or exc}") from exc
+        if current != self.fence.token:
+            raise FenceError(self.fence.path, self.fence.token, current)
 
 
 def _load_public_key(b64: str) -> rsa.RSAPublicKey:
@@ -429,6 +456,12 @@ class DevServer:
                 self._log("fenced", detail=str(exc))
                 self.stop(EXIT_FENCED_WHILE_RUNNING)
                 return
+            except OSError as exc:
+                self.backend.fenced = True
+                self.backend.storage_lost = str(exc)
+                self._log("storage_lost", detail=str(exc))
+                self.stop(EXIT_STORAGE_LOST)
+                return
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
         """Stop accepting, close client connections; :meth:`wait` then returns."""
@@ -484,6 +517,10 @@ class DevServer:
                 text, close = await session.handle(raw)
                 if text:
                     await self._send(writer, text.encode())
+                if self.backend.storage_lost is not None:
+                    self._log("storage_lost", detail=self.backend.storage_lost)
+                    self.stop(EXIT_STORAGE_LOST)
+                    break
                 if self.backend.fenced:
                     self._log("fenced", detail="a write met a higher fencing token")
                     self.stop(EXIT_FENCED_WHILE_RUNNING)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from atserver_runner.devserver import server as server_module
 from atserver_runner.devserver.server import Backend, DevServerConfig, Session
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -95,3 +98,48 @@ def test_any_line_gets_one_answer_and_the_prompt(
         assert body.endswith("\n") and body.count("\n") == 1, text
         assert body.startswith(("data:", "error:AT")), text
         assert "AT0011" not in body, text  # no internal error for any input
+
+
+@pytest.mark.parametrize("failure", ["error", "higher-token"])
+def test_a_write_is_not_acknowledged_when_the_fence_recheck_after_the_fsync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """CephFS: an evicted, thawed client's fsync() returned success for a record that never
+    landed; only the next operation failed. The server must re-read its fence after the
+    fsync and treat any error as 'not acknowledged'."""
+    cfg = DevServerConfig(
+        atsign="@alice",
+        host="127.0.0.1",
+        port=1,
+        data_dir=tmp_path,
+        fencing_token=7,
+        cert=tmp_path / "unused.pem",
+        key=tmp_path / "unused.key",
+        pkam_public_key=PUBLIC_B64,
+    )
+    b = Backend(cfg)
+    b.open()
+    try:
+        s = Session(b)
+        challenge, _ = ask(s, b"from:@alice")
+        sig = KEY.sign(challenge[5:].split("\n")[0].encode(), padding.PKCS1v15(), hashes.SHA256())
+        ask(s, b"pkam:" + base64.b64encode(sig))
+        assert ask(s, b"update:ok.test@alice 1")[0].startswith("data:")
+
+        def broken_read_fence(data_dir: Path) -> int:
+            if failure == "error":
+                raise OSError(errno.ESHUTDOWN, "Cannot send after transport endpoint shutdown")
+            return 8  # a newer owner's token appeared after our write
+
+        monkeypatch.setattr(server_module, "read_fence", broken_read_fence)
+        answer, close = ask(s, b"update:lost.test@alice 2")
+        assert answer.startswith("error:"), answer
+        assert "not accepted" in answer
+        assert close is True
+        assert b.fenced
+        assert (b.storage_lost is not None) == (failure == "error")
+        # Nothing more is acknowledged on this server.
+        with pytest.raises(server_module.Fenced):
+            asyncio.run(b.write("put", "x.test@alice", "3"))
+    finally:
+        b.close()
