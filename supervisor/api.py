@@ -1,48 +1,44 @@
 """The node's HTTP API: health, readiness, status, metrics, and the operator commands.
 
 GET  /healthz  200 while the event loop runs
-GET  /readyz   200 once the session is alive and a first cycle ran, else 503
-GET  /status   this node's view as JSON (see :meth:`Supervisor.status`)
+GET  /readyz   200 once the session is alive, the storage ready and a cycle ran; else 503
+               with ``why``
+GET  /status   this node's view as JSON (see :meth:`Supervisor.status`); ``?reports=N``
+               returns the latest N finished handoff reports (default 50, at most 200 kept)
 GET  /metrics  Prometheus text from the injected registry
 POST /drain    hand off every atSign one by one and claim nothing until /resume
 POST /resume   claim again
-POST /handoff  {"atsign": "@alice"}: hand one atSign off now
+POST /handoff  {"atsign": "@alice"}: hand one atSign off now; a peer node's credential
+               must add {"for_node": "a1"}, and only a failback the placement allows passes
+
+With ``http.auth`` every call but /healthz needs a bearer token whose role may make it
+(:mod:`supervisor.api_auth`); /healthz, /readyz and /metrics are then also served without
+credentials on ``http.public_listen`` (plain HTTP, loopback by default).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from leases.base import normalize_atsign
+from supervisor.api_auth import ROLE_KEY, Credentials, Role, auth_middleware, refusal
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
     from supervisor.metrics import SupervisorMetrics
 
 
-def build_app(sup: Supervisor, metrics: SupervisorMetrics) -> web.Application:
-    """The aiohttp application for one supervisor."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "node": sup.me.name})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ready = sup.ready
-        return web.json_response(
-            {"ready": ready, "draining": sup.state.draining}, status=200 if ready else 503
-        )
-
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(sup.status())
-
-    async def metrics_view(_: web.Request) -> web.Response:
-        resp = web.Response(body=metrics.render())
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
+def build_app(
+    sup: Supervisor, metrics: SupervisorMetrics, credentials: Credentials | None = None
+) -> web.Application:
+    """The node API of one supervisor; ``credentials``: who may call what (None: anyone)."""
+    app = web.Application(middlewares=[auth_middleware(credentials, metrics)])
+    _add_read_only(app, sup, metrics)
 
     async def drain(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "message": sup.request_drain()})
@@ -54,31 +50,78 @@ def build_app(sup: Supervisor, metrics: SupervisorMetrics) -> web.Application:
         try:
             body = await request.json()
             atsign = normalize_atsign(str(body["atsign"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            for_node = body.get("for_node")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             return web.json_response(
                 {"ok": False, "error": f'body must be {{"atsign": "@name"}}: {exc}'}, status=400
             )
         try:
-            message = sup.request_handoff(atsign)
+            if request[ROLE_KEY] is Role.PEER:
+                if not isinstance(for_node, str) or not for_node:
+                    raise PermissionError(
+                        'a peer node\'s handoff must name the node it is for ("for_node")'
+                    )
+                message = sup.request_failback(atsign, for_node)
+            else:
+                message = sup.request_handoff(atsign)
+        except PermissionError as exc:
+            return refusal(request, 403, str(exc), metrics)
         except LookupError as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=409)
         return web.json_response({"ok": True, "message": message})
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    async def status(request: web.Request) -> web.Response:
+        raw = request.query.get("reports")
+        if raw is None:
+            return web.json_response(sup.status())
+        if not raw.isdigit():
+            return web.json_response(
+                {"ok": False, "error": f"reports must be a whole number >= 0, got {raw!r}"},
+                status=400,
+            )
+        return web.json_response(sup.status(reports=int(raw)))
+
     app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/drain", drain)
     app.router.add_post("/resume", resume)
     app.router.add_post("/handoff", handoff)
     return app
 
 
-async def start_api(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port; the caller cleans up the returned runner."""
+def build_public_app(sup: Supervisor, metrics: SupervisorMetrics) -> web.Application:
+    """The read-only listener: /healthz, /readyz, /metrics, without credentials."""
+    app = web.Application()
+    _add_read_only(app, sup, metrics)
+    return app
+
+
+def _add_read_only(app: web.Application, sup: Supervisor, metrics: SupervisorMetrics) -> None:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "node": sup.me.name})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = sup.ready
+        body: dict[str, object] = {"ready": ready, "draining": sup.state.draining}
+        if not ready:
+            body["why"] = sup.not_ready_because()
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.render())
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+
+
+async def start_api(
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on host:port (HTTPS with ``tls``); the caller cleans up the runner."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     return runner

@@ -11,21 +11,27 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
 import aiohttp
 import typer
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
 from leases.base import normalize_atsign
-from supervisor.config import ConfigError, SupervisorConfig, load_config
+from supervisor.api_client import bearer, client_tls, local_api_url, server_tls
+from supervisor.cli_common import ConfigOpt, err, load
+from supervisor.config import SupervisorConfig, is_loopback
+from supervisor.registration import entry_health
 
 app = typer.Typer(
     help=(
@@ -42,24 +48,16 @@ app = typer.Typer(
 )
 
 
+REPORTS_PER_POLL = 200
+"""Handoff reports asked for per /status poll while waiting (the node keeps this many)."""
+
 FENCE_NICE = -5
 """Scheduling priority the fence asks for (lower is more CPU)."""
 
 
-def _err(message: str) -> None:
-    """One plain line on stderr (no markup: messages quote user input like [low, high])."""
-    typer.echo(message, err=True)
-
-
 def _fail(message: str, code: int = 1) -> int:
-    _err(message)
+    err(message)
     return code
-
-
-ConfigOpt = Annotated[
-    Path,
-    typer.Option("--config", "-c", envvar="SUPERVISOR_CONFIG", help="the node's YAML file"),
-]
 
 
 class JSONFormatter(logging.Formatter):
@@ -87,15 +85,18 @@ def _setup_logging(as_json: bool, node: str) -> None:
     root.setLevel(logging.INFO)
 
 
-def _load(path: Path) -> SupervisorConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        _err(f"config error: {exc}")
-        raise typer.Exit(2) from None
-
-
 # --- run -------------------------------------------------------------------------------------
+
+RUNNER_THREADS = 64
+"""Worker threads for blocking runner calls (the asyncio default is min(32, cores + 4))."""
+
+
+def _raise_open_files_limit() -> None:
+    """A node with a thousand atServers holds a pidfd and a probe socket for each."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _start_fence(cfg: SupervisorConfig, config_path: Path) -> subprocess.Popen[bytes]:
@@ -126,16 +127,31 @@ def _start_fence(cfg: SupervisorConfig, config_path: Path) -> subprocess.Popen[b
 
 
 async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
-    from supervisor.api import build_app, start_api
+    from supervisor.api import build_app, build_public_app, start_api
+    from supervisor.api_auth import Credentials
     from supervisor.daemon import Supervisor
     from supervisor.metrics import SupervisorMetrics
-    from supervisor.wiring import build_backend, build_registrar, build_runner
+    from supervisor.wiring import build_backend, build_node_health, build_registrar, build_runner
 
     log = logging.getLogger("supervisor")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Runner calls block in threads (docker SDK, psutil, waiting for a process to exit):
+    # enough of them that a thousand stops at shutdown do not queue six at a time.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=RUNNER_THREADS))
+    _raise_open_files_limit()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (a terminal hang-up, `systemctl reload`) must not take the node's atSigns
+    # down: its default action would kill us without a clean shutdown. Nothing in the
+    # node file is reloaded in place (see docs/supervisor.md, Signals).
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: log.warning(
+            "event=sighup action=ignored detail='nothing is reloaded; restart the node "
+            "(SIGTERM, then start) to apply a changed config'"
+        ),
+    )
     try:
         backend = build_backend(cfg)
         runner = build_runner(cfg)
@@ -148,28 +164,69 @@ async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
         registry,
         claims_held=lambda: float(len(holder["sup"].held())),
         workloads_running=lambda: float(
-            sum(1 for w in holder["sup"].state.workloads.values() if w.state.value == "running")
+            sum(1 for w in holder["sup"].ctx.workloads.items.values() if w.state.value == "running")
         ),
         session_alive=lambda: 1.0 if holder["sup"].ready else 0.0,
         draining=lambda: 1.0 if holder["sup"].state.draining else 0.0,
+        consul_requests=lambda: float(registrar.calls),
     )
-    sup = Supervisor(cfg, backend=backend, runner=runner, registrar=registrar, metrics=metrics)
+    sup = Supervisor(
+        cfg,
+        backend=backend,
+        runner=runner,
+        registrar=registrar,
+        metrics=metrics,
+        session_backend=lambda: build_backend(cfg),  # the keeper's own, on its own loop
+        node_health=build_node_health(cfg),
+    )
     holder["sup"] = sup
+    credentials = Credentials.from_config(cfg.http.auth) if cfg.http.auth is not None else None
+    listeners: list[web.AppRunner] = []
     try:
-        api = await start_api(build_app(sup, metrics), cfg.http.host, cfg.http.port)
+        listeners.append(
+            await start_api(
+                build_app(sup, metrics, credentials),
+                cfg.http.host,
+                cfg.http.port,
+                server_tls(cfg.http),
+            )
+        )
+        field, where = "http.public_listen", cfg.http.public
+        if where is not None:
+            host, _, port = where.rpartition(":")
+            listeners.append(
+                await start_api(build_public_app(sup, metrics), host.strip("[]"), int(port))
+            )
     except OSError as exc:
+        if not listeners:
+            field, where = "http.listen", cfg.http.listen
+        for listener in listeners:
+            await listener.cleanup()
         await registrar.close()
         await backend.close()
-        message = f"{config_path}: http.listen: cannot listen on {cfg.http.listen}: {exc.strerror}"
+        message = f"{config_path}: {field}: cannot listen on {where}: {exc.strerror}"
         raise typer.Exit(_fail(message)) from None
+    if credentials is None and not is_loopback(cfg.http.host):
+        log.warning(
+            "event=api-unauthenticated listen=%s detail='anyone who reaches it can drain this "
+            "node (http.allow_unauthenticated)'",
+            cfg.http.listen,
+        )
     # The fence starts before anything can run, and outlives us if we are killed.
     fence = _start_fence(cfg, config_path)
     log.info("event=fence-started pid=%d", fence.pid)
-    log.info("event=started node=%s api=%s", cfg.node.name, sup.api_url)
+    log.info(
+        "event=started node=%s api=%s auth=%s public=%s",
+        cfg.node.name,
+        sup.api_url,
+        "on" if credentials is not None else "off",
+        cfg.http.public or "-",
+    )
     try:
         await sup.run(stop)
     finally:
-        await api.cleanup()
+        for listener in listeners:
+            await listener.cleanup()
         with contextlib.suppress(Exception):
             await backend.close()
         # The fence exits by itself after the 'stopped' heartbeat; make sure of it.
@@ -186,7 +243,7 @@ async def _run(cfg: SupervisorConfig, config_path: Path) -> None:
 @app.command()
 def run(config: ConfigOpt) -> None:
     """Run this node's supervisor (and its fence) until SIGTERM/SIGINT."""
-    cfg = _load(config)
+    cfg = load(config)
     _setup_logging(cfg.log_json, cfg.node.name)
     asyncio.run(_run(cfg, config))
 
@@ -197,15 +254,21 @@ def fence(
     supervisor_pid: Annotated[int, typer.Option(help="the supervisor this fence guards")],
 ) -> None:
     """The companion fence (started by `run`): stops the node's workloads on a stale heartbeat."""
+    from supervisor.deadline import within
     from supervisor.fence import Fence
     from supervisor.timing import build_timing, fence_poll_interval
-    from supervisor.wiring import build_runner
+    from supervisor.wiring import build_backend, build_runner
 
-    cfg = _load(config)
+    cfg = load(config)
     _setup_logging(cfg.log_json, f"{cfg.node.name}-fence")
     timing = build_timing(cfg)
 
     async def main() -> None:
+        backend = build_backend(cfg)  # connects lazily: only if a session is to be ended
+
+        async def release(session_id: str) -> None:
+            await within(backend.revoke_session(session_id, timing.ttl / 2), timing.ttl / 2)
+
         f = Fence(
             build_runner(cfg),
             cfg.heartbeat_path,
@@ -213,11 +276,19 @@ def fence(
             supervisor_pid=supervisor_pid,
             poll_interval=fence_poll_interval(timing),
             kill_grace=max(0.1, timing.stop_budget / 3),
+            session_record=cfg.session_record_path,
+            release_session=release,
+            session_ttl=timing.ttl,
         )
-        await f.run()
+        try:
+            await f.run()
+        finally:
+            with contextlib.suppress(Exception):
+                await backend.close()
 
-    # The fence ignores SIGINT/SIGTERM meant for the supervisor's terminal or group.
+    # The fence ignores SIGINT/SIGHUP meant for the supervisor's terminal or group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # A busy host must not starve the fence past the claim's expiry: ask for a better
     # scheduling priority (works as root or with CAP_SYS_NICE; otherwise keep the default).
     with contextlib.suppress(OSError):
@@ -230,12 +301,13 @@ def check_config(config: ConfigOpt) -> None:
     """Validate a node file (exit 2 with the problem if it is wrong)."""
     from supervisor.timing import build_timing
 
-    cfg = _load(config)
+    cfg = load(config)
     t = build_timing(cfg)
     typer.echo(
         f"{config}: ok (node {cfg.node.name}, {cfg.dcs.backend}, ttl {t.ttl:g}s, renew every "
         f"{t.renew_interval:g}s, self-fence after {t.renew_deadline:g}s, "
-        f"{len(cfg.inventory.atsigns)} atSigns)"
+        f"{len(cfg.inventory.atsigns)} atSigns, node API {cfg.http.scheme} "
+        f"{'with tokens' if cfg.http.auth is not None else 'without credentials'})"
     )
 
 
@@ -243,14 +315,21 @@ def check_config(config: ConfigOpt) -> None:
 
 
 async def _api(cfg: SupervisorConfig, method: str, path: str, body: Any = None) -> Any:
-    host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{cfg.http.port}{path}"
+    url = local_api_url(cfg.http, cfg.node) + path
     timeout = aiohttp.ClientTimeout(total=5)
     async with (
         aiohttp.ClientSession(timeout=timeout) as http,
-        http.request(method, url, json=body) as resp,
+        http.request(
+            method,
+            url,
+            json=body,
+            headers=bearer(cfg.http.auth.operator_token if cfg.http.auth else None),
+            ssl=client_tls(cfg.http) or True,
+        ) as resp,
     ):
-        data = await resp.json()
+        data = await resp.json(content_type=None)
+        if resp.status in (401, 403):
+            raise RuntimeError(f"refused ({resp.status}): {data.get('error')}")
         if resp.status >= 400:
             raise RuntimeError(data.get("error") or f"HTTP {resp.status}")
         return data
@@ -259,11 +338,11 @@ async def _api(cfg: SupervisorConfig, method: str, path: str, body: Any = None) 
 def _call(cfg: SupervisorConfig, method: str, path: str, body: Any = None) -> Any:
     try:
         return asyncio.run(_api(cfg, method, path, body))
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        _err(f"cannot reach the supervisor of {cfg.node.name} at {cfg.http.listen}: {exc}")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        err(f"cannot reach the supervisor of {cfg.node.name} at {cfg.http.listen}: {exc}")
         raise typer.Exit(1) from None
     except RuntimeError as exc:
-        _err(f"{cfg.node.name}: {exc}")
+        err(f"{cfg.node.name}: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -275,6 +354,11 @@ def _print_reports(reports: list[dict[str, Any]]) -> None:
             typer.echo(f"{r['atsign']}: {r['note'] or 'handed off'}")
 
 
+def _reports_after(st: dict[str, Any], seq: int) -> list[dict[str, Any]]:
+    """Finished handoff reports newer than ``seq`` (reports are numbered 1, 2, 3, ...)."""
+    return [r for r in st["handoff_reports"] if int(r.get("seq", 0)) > seq]
+
+
 @app.command()
 def drain(
     config: ConfigOpt,
@@ -282,27 +366,29 @@ def drain(
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 600.0,
 ) -> None:
     """Move every atSign off this node, one by one; then claim nothing until `resume`."""
-    cfg = _load(config)
-    earlier = len(_call(cfg, "GET", "/status")["handoff_reports"])
+    cfg = load(config)
+    seen = int(_call(cfg, "GET", "/status?reports=0").get("handoff_reports_total", 0))
     typer.echo(_call(cfg, "POST", "/drain")["message"])
     if not wait:
         return
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        st = _call(cfg, "GET", "/status")
+        st = _call(cfg, "GET", f"/status?reports={REPORTS_PER_POLL}")
+        fresh = _reports_after(st, seen)
+        _print_reports(fresh)
+        seen = max([seen, *(int(r["seq"]) for r in fresh)])
         if st["drained"]:
-            _print_reports(st["handoff_reports"][earlier:])
             typer.echo(f"{cfg.node.name} drained: holding nothing")
             return
         time.sleep(0.2)
-    _err(f"{cfg.node.name} not drained after {timeout:g}s")
+    err(f"{cfg.node.name} not drained after {timeout:g}s")
     raise typer.Exit(1)
 
 
 @app.command()
 def resume(config: ConfigOpt) -> None:
     """Let a drained node claim atSigns again."""
-    cfg = _load(config)
+    cfg = load(config)
     typer.echo(_call(cfg, "POST", "/resume")["message"])
 
 
@@ -316,22 +402,23 @@ def handoff(
 
     Give the config of the node that holds the atSign; it waits until another node serves it.
     """
-    cfg = _load(config)
+    cfg = load(config)
     try:
         name = normalize_atsign(atsign)
     except ValueError as exc:
-        _err(f"ATSIGN: {exc}")
+        err(f"ATSIGN: {exc}")
         raise typer.Exit(2) from None
+    seen = int(_call(cfg, "GET", "/status?reports=0").get("handoff_reports_total", 0))
     typer.echo(_call(cfg, "POST", "/handoff", {"atsign": name})["message"])
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        st = _call(cfg, "GET", "/status")
-        mine = [r for r in st["handoff_reports"] if r["atsign"] == name]
+        st = _call(cfg, "GET", f"/status?reports={REPORTS_PER_POLL}")
+        mine = [r for r in _reports_after(st, seen) if r["atsign"] == name]
         if mine:
             _print_reports(mine[-1:])
             return
         time.sleep(0.2)
-    _err(f"{name}: no standby took over within {timeout:g}s")
+    err(f"{name}: no standby took over within {timeout:g}s")
     raise typer.Exit(1)
 
 
@@ -344,35 +431,49 @@ async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
         from supervisor.deadline import within
 
         claims = await within(backend.owners(), 10)
-        entries = await registrar.health()
+        generations = await within(backend.generations(), 10)
+        node_records = await within(backend.nodes(), 10)
+        entries = await registrar.health(
+            atsigns={a.atsign for a in cfg.inventory.atsigns} | set(claims)
+        )
     finally:
         await backend.close()
         await registrar.close()
     health: dict[str, dict[str, str]] = {}
     for e in entries:
         meta = (e.get("Service") or {}).get("Meta") or {}
-        checks = [c for c in e.get("Checks", []) if c.get("ServiceID")]
-        state = (
-            "passing"
-            if checks and all(c["Status"] == "passing" for c in checks)
-            else ("critical" if checks else "unknown")
-        )
-        health.setdefault(meta.get("atsign", ""), {})[meta.get("node", "")] = state
+        per_node = health.setdefault(meta.get("atsign", ""), {})
+        node, state = meta.get("node", ""), entry_health(e)
+        if per_node.get(node) != "passing":  # one per layout while migrating: passing wins
+            per_node[node] = state
+    refused: dict[str, dict[str, str]] = {}
+    for name, rec in node_records.items():
+        for atsign, reason in (rec.get("refused") or {}).items():
+            refused.setdefault(atsign, {})[name] = str(reason)
     rows = []
     atsigns = sorted({a.atsign for a in cfg.inventory.atsigns} | set(claims))
     for atsign in atsigns:
         c = claims.get(atsign)
+        g = generations.get(atsign)
         node = c.info.node if c else None
+        if c:
+            state = health.get(atsign, {}).get(node or "", "unregistered")
+        elif atsign in refused:
+            # The data guard: no node with current data is serving it (visible, never empty).
+            state = "stale-data@" + ",".join(sorted(refused[atsign]))
+        else:
+            state = "unclaimed"
         rows.append(
             {
                 "atsign": atsign,
                 "owner": node,
                 "cloud": c.info.cloud if c else None,
                 "token": c.token if c else None,
-                "health": health.get(atsign, {}).get(node or "", "unregistered")
-                if c
-                else "unclaimed",
+                "health": state,
                 "since": float(c.info.extra.get("since", 0) or 0) if c else None,
+                "generation": g.token if g else None,
+                "generation_node": (g.accepted_by or g.node) if g else None,
+                "refused": refused.get(atsign, {}),
             }
         )
     return rows
@@ -383,31 +484,48 @@ def status(
     config: ConfigOpt,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Every atSign's owner, cloud, token, health and since, read from the DCS and Consul."""
-    cfg = _load(config)
+    """Every atSign's owner, cloud, token, health, generation and since (DCS and Consul).
+
+    Health ``stale-data@b1`` means no node serves the atSign and node b1 refused to, because
+    its data dir is not the atSign's latest (see `supervisor data accept`).
+    """
+    cfg = load(config)
     try:
         rows = asyncio.run(_status_rows(cfg))
     except Exception as exc:
-        _err(f"cannot read the DCS/Consul: {exc!r}")
+        err(f"cannot read the DCS/Consul: {exc!r}")
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"atSigns ({cfg.dcs.backend} prefix {cfg.dcs.prefix})")
-    for col in ("atSign", "owner", "cloud", "token", "health", "since"):
+    for col in ("atSign", "owner", "cloud", "token", "health", "generation", "since"):
         table.add_column(col)
     for r in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"])) if r["since"] else ""
+        gen = f"{r['generation']} ({r['generation_node']})" if r["generation"] else "-"
         table.add_row(
             r["atsign"],
             r["owner"] or "-",
             r["cloud"] or "-",
             str(r["token"] or "-"),
             r["health"],
+            gen,
             since,
         )
     Console().print(table)
+    for r in rows:
+        for node, reason in sorted(r["refused"].items()):
+            typer.echo(f"{r['atsign']}: refused by {node}: {reason}")
 
+
+def _register_subcommands() -> None:
+    from supervisor.data_cli import data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     app()

@@ -20,6 +20,13 @@ them, so a workload started under a fresh heartbeat is never fenced by a
 stale one. The fence exits when its supervisor is gone and nothing runs, when the
 supervisor shut down cleanly (state ``stopped``), or when a newer supervisor
 (with its own fence) wrote the heartbeat after this fence started.
+
+A supervisor that died (not one that shut down cleanly) leaves its DCS session behind,
+and with it every claim until the session's TTL runs out (on Consul up to 2 x ttl). Once
+the deadline has passed and nothing runs any more, the fence ends that session
+(``release_session``, the id in the session record, unless a successor wrote it), so
+standbys take over after the deadline instead of the TTL. Safe: the node acts on nothing
+by then; a supervisor that resumes the session later finds it gone and opens a new one.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,7 @@ import psutil
 
 from atserver_runner.atomic_file import write_atomic
 from atserver_runner.base import Runner, WorkloadState
+from supervisor.resume import load_record
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +109,20 @@ class Fence:
         supervisor_pid: int,
         poll_interval: float,
         kill_grace: float,
+        session_record: Path | None = None,
+        release_session: Callable[[str], Awaitable[None]] | None = None,
+        session_ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
+        self.session_record = session_record
+        self.release_session = release_session
+        self.session_ttl = session_ttl
+        """How long after the deadline a record in another state than running (a start the
+        supervisor did not finish) may keep the fence waiting to end the session: by then
+        the session has expired anyway."""
+        self.released: str | None = None
+        """The session id the fence ended, if it did."""
         self.heartbeat_path = heartbeat_path
         self.log_path = log_path
         self.supervisor_pid = supervisor_pid
@@ -179,6 +198,50 @@ class Fence:
     def supervisor_alive(self) -> bool:
         return _process_alive(self.supervisor_pid, self._sup_create)
 
+    def _dead_supervisors_session(self) -> str | None:
+        """The session id our supervisor recorded, if the record is not a successor's.
+
+        A supervisor writes the record when it opens (or resumes) its session, before its
+        first heartbeat. So a record written no later than the heartbeat that still carries
+        our supervisor's pid is our supervisor's; a newer one is a successor's, which is
+        about to write its own heartbeat (same file system, same clock for both mtimes)."""
+        if self.session_record is None:
+            return None
+        try:
+            heartbeat_written = self.heartbeat_path.stat().st_mtime
+            record_written = self.session_record.stat().st_mtime
+        except OSError:
+            return None
+        hb = read_heartbeat(self.heartbeat_path)
+        if hb is None or hb.pid != self.supervisor_pid or record_written > heartbeat_written:
+            return None
+        rec = load_record(self.session_record)
+        return rec.session_id if rec is not None else None
+
+    async def _release_due(self, hb: Heartbeat | None) -> bool:
+        """After the deadline of a supervisor that died: end its session (once). True while
+        the fence should keep polling for it (the deadline has not passed yet)."""
+        if self.release_session is None or self.released or hb is None:
+            return False
+        if hb.pid != self.supervisor_pid or hb.state == "stopped":
+            return False
+        if self.clock() < hb.deadline:
+            return True
+        sid = self._dead_supervisors_session()
+        if sid is None:
+            return False
+        try:
+            await self.release_session(sid)
+        except Exception as exc:  # best effort: the TTL ends it anyway
+            log.warning("event=fence-release-failed session=%s error=%r", sid, exc)
+            return False
+        self.released = sid
+        self._record(
+            {"event": "session-released", "session": sid, "wall": time.time(), "mono": self.clock()}
+        )
+        log.warning("event=fence-released-session session=%s (its supervisor died)", sid)
+        return False
+
     async def run(self) -> None:
         """Poll until the supervisor is gone (or stopped cleanly) and nothing runs."""
         while True:
@@ -198,10 +261,18 @@ class Fence:
             clean = hb is not None and hb.state == "stopped" and hb.pid == self.supervisor_pid
             if clean or not self.supervisor_alive():
                 with contextlib.suppress(Exception):
-                    running = [
-                        w for w in await self.runner.list() if w.state is WorkloadState.RUNNING
-                    ]
-                    if not running:
+                    listed = await self.runner.list()
+                    running = [w for w in listed if w.state is WorkloadState.RUNNING]
+                    # The session only once nothing is listed at all: a record in another
+                    # state may be a start the supervisor did not finish (its process not
+                    # found yet), which a later pass adopts and stops.
+                    if clean:
+                        keep = False
+                    elif listed:
+                        keep = hb is not None and self.clock() < hb.deadline + self.session_ttl
+                    else:
+                        keep = await self._release_due(hb)
+                    if not running and not keep:
                         log.info(
                             "fence: supervisor %s gone, nothing runs: exiting", self.supervisor_pid
                         )

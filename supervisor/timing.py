@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from leases.base import Timing, TimingError
 
 if TYPE_CHECKING:
-    from supervisor.config import SupervisorConfig
+    from supervisor.config import ConsulDCSConfig, SupervisorConfig, TimingConfig
 
 BACKEND_MIN_TTL = {"etcd": 2.0, "consul": 10.0}
 
@@ -24,9 +24,8 @@ FENCE_POLL_INTERVAL_MAX = 0.1
 """The fence checks the heartbeat at least this often (seconds)."""
 
 
-def build_timing(cfg: SupervisorConfig) -> Timing:
-    """The Timing of ``cfg``: explicit fields, the rest from ``Timing.for_ttl``."""
-    t = cfg.timing
+def timing_from(t: TimingConfig) -> Timing:
+    """The Timing of a ``timing:`` section: explicit fields, the rest from ``Timing.for_ttl``."""
     base = Timing.for_ttl(t.ttl) if t.ttl > 0 else None
     if base is None:
         raise TimingError(f"ttl must be a positive number of seconds, got {t.ttl!r}")
@@ -41,6 +40,11 @@ def build_timing(cfg: SupervisorConfig) -> Timing:
     )
 
 
+def build_timing(cfg: SupervisorConfig) -> Timing:
+    """The Timing of a (validated) node config."""
+    return timing_from(cfg.timing)
+
+
 def _field_of(message: str) -> str:
     for name in ("renew_interval", "renew_deadline", "stop_budget", "request_timeout", "ttl"):
         if message.startswith(name) or message.startswith(f"renew_deadline + {name}"):
@@ -53,44 +57,46 @@ def fence_poll_interval(timing: Timing) -> float:
     return min(FENCE_POLL_INTERVAL_MAX, timing.stop_budget / 5)
 
 
-def validate_timing(cfg: SupervisorConfig, file: str) -> Timing:
-    """Check the table and the backend's minimum TTL; raise ConfigError naming the field."""
-    from supervisor.config import ConfigError
+def timing_problems(backend: str, etcd_members: int, t: TimingConfig) -> list[tuple[str, str]]:
+    """Every rule of the table and of the backend that ``t`` breaks, as (field, problem).
 
-    minimum = BACKEND_MIN_TTL[cfg.dcs.backend]
-    if cfg.timing.ttl < minimum:
-        raise ConfigError(
-            file,
-            "timing.ttl",
-            f"{cfg.dcs.backend} needs ttl >= {minimum:g}s, got {cfg.timing.ttl:g}s",
-        )
-    if cfg.dcs.backend == "etcd" and cfg.timing.ttl != int(cfg.timing.ttl):
-        raise ConfigError(
-            file, "timing.ttl", f"etcd lease TTLs are whole seconds, got {cfg.timing.ttl:g}s"
-        )
+    ``backend`` is ``etcd`` or ``consul``; ``etcd_members`` the number of etcd endpoints.
+    """
+    out: list[tuple[str, str]] = []
+    minimum = BACKEND_MIN_TTL[backend]
+    if t.ttl < minimum:
+        out.append(("timing.ttl", f"{backend} needs ttl >= {minimum:g}s, got {t.ttl:g}s"))
+    if backend == "etcd" and t.ttl != int(t.ttl):
+        out.append(("timing.ttl", f"etcd lease TTLs are whole seconds, got {t.ttl:g}s"))
     try:
-        timing = build_timing(cfg)
+        timing = timing_from(t)
     except TimingError as exc:
-        raise ConfigError(file, _field_of(str(exc)), str(exc)) from None
-    members = len(cfg.dcs.etcd.endpoints) if cfg.dcs.etcd is not None else 0
-    if (
-        cfg.dcs.backend == "etcd"
-        and members > 1
-        and timing.renew_deadline < ETCD_ELECTION_ALLOWANCE
-    ):
-        field = "timing.renew_deadline" if cfg.timing.renew_deadline else "timing.ttl"
-        raise ConfigError(
-            file,
-            field,
-            f"with {members} etcd members a leader election (1-2 s) "
-            f"must fit in renew_deadline, which is {timing.renew_deadline:g}s; use "
-            f"renew_deadline >= {ETCD_ELECTION_ALLOWANCE:g}s (ttl >= "
-            f"{2 * ETCD_ELECTION_ALLOWANCE:g}s with the default renew_deadline = ttl/2)",
+        return [*out, (_field_of(str(exc)), str(exc))]
+    members = etcd_members
+    if backend == "etcd" and members > 1 and timing.renew_deadline < ETCD_ELECTION_ALLOWANCE:
+        field = "timing.renew_deadline" if t.renew_deadline else "timing.ttl"
+        out.append(
+            (
+                field,
+                f"with {members} etcd members a leader election (1-2 s) "
+                f"must fit in renew_deadline, which is {timing.renew_deadline:g}s; use "
+                f"renew_deadline >= {ETCD_ELECTION_ALLOWANCE:g}s (ttl >= "
+                f"{2 * ETCD_ELECTION_ALLOWANCE:g}s with the default renew_deadline = ttl/2)",
+            )
         )
-    if cfg.timing.probe_interval >= timing.ttl:
-        raise ConfigError(
-            file,
-            "timing.probe_interval",
-            f"must be less than ttl ({timing.ttl:g}s), got {cfg.timing.probe_interval:g}s",
-        )
-    return timing
+    return out
+
+
+def consul_check_problems(t: TimingConfig, dcs: ConsulDCSConfig) -> list[str]:
+    """The rules of a Consul session bound to health checks (``dcs.consul.session_check_ttl``),
+    as in :func:`leases.consul.session_check_problems`; nothing when it is not set or the
+    table itself is invalid (reported on its own)."""
+    from leases.consul import session_check_problems
+
+    if dcs.session_check_ttl is None:
+        return []
+    try:
+        timing = timing_from(t)
+    except TimingError:
+        return []
+    return session_check_problems(timing, dcs.session_check_ttl, dcs.lock_delay)

@@ -7,7 +7,7 @@ import time
 from atserver_runner.base import Runner
 from leases.base import Backend, Clock
 from supervisor.config import SupervisorConfig
-from supervisor.registration import Registrar
+from supervisor.registration import NodeHealth, Registrar
 from supervisor.timing import build_timing
 
 
@@ -40,6 +40,7 @@ def build_backend(cfg: SupervisorConfig, clock: Clock = time.monotonic) -> Backe
         token=(dcs.token if dcs and dcs.token else cfg.consul.token),
         request_timeout=timing.request_timeout,
         lock_delay=dcs.lock_delay if dcs else 15.0,
+        session_check_ttl=dcs.session_check_ttl if dcs else None,
         clock=clock,
     )
 
@@ -51,7 +52,9 @@ def build_runner(cfg: SupervisorConfig) -> Runner:
         from atserver_runner.process import ProcessRunner
 
         probe_ca = r.tls.ca if r.tls is not None else None
-        return ProcessRunner(cfg.node.name, r.state_dir / "workloads", probe_ca=probe_ca)
+        return ProcessRunner(
+            cfg.node.name, r.state_dir / "workloads", probe_ca=probe_ca, data_root=r.data_root
+        )
     import docker
 
     from atserver_runner.docker import DockerRunner
@@ -67,19 +70,33 @@ def build_runner(cfg: SupervisorConfig) -> Runner:
         tls_cert=tls.cert if tls else None,
         tls_key=tls.key if tls else None,
         probe_ca=tls.ca if tls else None,
+        data_root=r.data_root,
     )
 
 
 def build_registrar(cfg: SupervisorConfig) -> Registrar:
-    """The registrar on this node's Consul agent; check TTLs follow the timing table."""
-    timing = build_timing(cfg)
+    """The registrar on this node's Consul agent; the probe check's TTL is four probe
+    intervals (it is refreshed at half of it, or at once when a result changes)."""
     return Registrar(
         cfg.consul.url,
         node=cfg.node.name,
         token=cfg.consul.token,
         service_name=cfg.consul.service_name,
-        probe_ttl=max(3 * cfg.timing.probe_interval, 1.0),
-        alive_ttl=max(timing.renew_deadline, 1.0),
+        shards=cfg.consul.shards,
+        probe_ttl=max(4 * cfg.timing.probe_interval, 1.0),
         deregister_critical_after=cfg.consul.deregister_critical_after,
         request_timeout=cfg.consul.request_timeout,
+    )
+
+
+def build_node_health(cfg: SupervisorConfig) -> NodeHealth:
+    """The node's Consul node check (TTL = the renew deadline) that the session keeper
+    passes: every atServer registered on the node's agent turns critical with it."""
+    timing = build_timing(cfg)
+    return NodeHealth(
+        cfg.consul.url,
+        node=cfg.node.name,
+        token=cfg.consul.token,
+        ttl=max(timing.renew_deadline, 1.0),
+        request_timeout=min(cfg.consul.request_timeout, timing.request_timeout * 2),
     )

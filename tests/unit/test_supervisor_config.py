@@ -136,6 +136,25 @@ def test_each_mistake_names_file_field_and_problem(
     assert str(info.value).startswith(f"{path}: {field}: ")
 
 
+def test_consul_shards_default_list_and_errors_name_the_field(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE), env={}).consul.shards == (256,)
+    cfg = load_config(write(tmp_path, with_(consul__shards=[1, 256])), env={})
+    assert cfg.consul.shards == (1, 256)
+    env = {"SUPERVISOR__CONSUL__SHARDS": "16"}
+    assert load_config(write(tmp_path, BASE), env=env).consul.shards == (16,)
+    for bad, problem in [
+        ([1, 100], "shards must be 1 or a power of 2"),
+        ([], "at least one shard count"),
+        ([16, 8], "shard counts 16 and 8 both name"),
+        ("many", "valid tuple"),
+    ]:
+        path = write(tmp_path, with_(consul__shards=bad))
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.field == "consul.shards", info.value
+        assert problem in info.value.problem, info.value
+
+
 def test_consul_minimum_ttl(tmp_path: Path) -> None:
     data = with_(dcs__backend="consul", dcs__etcd=None, timing__ttl=6)
     with pytest.raises(ConfigError, match=r"timing.ttl: consul needs ttl >= 10s"):
@@ -168,6 +187,7 @@ def test_cli_exits_2_with_the_message(tmp_path: Path) -> None:
     )
     assert ok.exit_code == 0, ok.output
     assert "self-fence after 1.5s" in ok.output
+    assert "node API http without credentials" in ok.output
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,3 +230,97 @@ def test_several_etcd_members_need_a_deadline_that_outlasts_an_election(tmp_path
         load_config(write(tmp_path, data), env={})
     data["timing"]["ttl"] = 6
     assert load_config(write(tmp_path, data), env={}).timing.ttl == 6
+
+
+def test_every_mistake_is_listed_each_on_its_own_line(tmp_path: Path) -> None:
+    """Seven mistakes in four sections (one of them a cross-section rule): seven lines."""
+    data = with_(
+        node__cloud="",
+        dcs__prefix="",
+        timing__ttl=3.5,  # etcd lease TTLs are whole seconds
+        runner__port_range=[9, 1],
+        runner__kind="podman",
+        http__listen="nowhere",
+        inventory__atsigns=[{"atsign": "@x", "prefer_nodes": ["zz"]}],
+    )
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    fields = [p.field for p in info.value.problems]
+    assert sorted(fields) == sorted(
+        [
+            "node.cloud",
+            "dcs.prefix",
+            "timing.ttl",
+            "runner.kind",
+            "runner.port_range",
+            "http.listen",
+            "inventory.atsigns.0.prefer_nodes",
+        ]
+    ), fields
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 7, result.output
+    assert all(line.startswith(f"{path}: ") for line in lines), result.output
+    assert "more problem" not in result.output
+
+
+def test_three_mistakes_three_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, with_(timing__ttl="soon", runner__state_dir=None, bogus=1))
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"{path}: bogus: unknown field (check the spelling)",
+        f"{path}: timing.ttl: Input should be a valid number, unable to parse string as a number",
+        f"{path}: runner.state_dir: required field is missing",
+    ] or sorted(result.output.splitlines()) == sorted(
+        [
+            f"{path}: bogus: unknown field (check the spelling)",
+            f"{path}: timing.ttl: Input should be a valid number, "
+            "unable to parse string as a number",
+            f"{path}: runner.state_dir: required field is missing",
+        ]
+    ), result.output
+
+
+def test_mistakes_in_the_inventory_file_and_the_node_file_are_all_listed(tmp_path: Path) -> None:
+    (tmp_path / "inventory.yaml").write_text(
+        yaml.safe_dump({"nodes": [{"name": "a1", "cloud": "A"}], "atsigns": [{"atsign": "@a b"}]})
+    )
+    path = write(tmp_path, with_(inventory={"path": "inventory.yaml"}, timing__renew_interval=5))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    got = {(p.file, p.field) for p in info.value.problems}
+    assert got == {
+        (str(tmp_path / "inventory.yaml"), "atsigns.0.atsign"),
+        (str(path), "timing.renew_interval"),
+    }
+
+
+@pytest.mark.parametrize("bad", ["@..", "@.", "@a/b", "@a\\b", "@../etc", "@a\u2028b"])
+def test_check_config_refuses_atsigns_that_are_not_one_path_component(
+    tmp_path: Path, bad: str
+) -> None:
+    path = write(tmp_path, with_(inventory__atsigns=[{"atsign": "@ok"}, {"atsign": bad}]))
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}: inventory.atsigns.1.atsign: not a valid atSign" in result.output
+
+
+def test_consul_session_checks_need_a_lock_delay_above_the_deadline(tmp_path: Path) -> None:
+    consul = {
+        "backend": "consul",
+        "prefix": "t",
+        "consul": {"lock_delay": 5, "session_check_ttl": 4},
+    }
+    path = write(tmp_path, with_(dcs=consul, timing={"ttl": 10}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={})
+    assert (
+        "dcs.consul.session_check_ttl: lock_delay (5s) must be above renew_deadline + "
+        "stop_budget (7s)"
+    ) in str(exc.value)
+    consul["consul"] = {"lock_delay": 8, "session_check_ttl": 4}
+    cfg = load_config(write(tmp_path, with_(dcs=consul, timing={"ttl": 10})), env={})
+    assert cfg.dcs.consul is not None and cfg.dcs.consul.session_check_ttl == 4

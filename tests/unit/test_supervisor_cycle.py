@@ -133,23 +133,54 @@ def test_standby_order_prefers_the_other_cloud_then_named_nodes() -> None:
     assert pinned[0] == A2
 
 
-def test_drain_hands_off_one_at_a_time_and_claims_nothing() -> None:
+def test_drain_hands_off_drain_concurrency_at_a_time_and_claims_nothing() -> None:
     claims = {a: claim(a, i + 1) for i, a in enumerate(INV)}
     work = {a: workload(a, i + 1) for i, a in enumerate(INV)}
-    s = snap(claims=claims, workloads=work, registered=frozenset(INV), draining=True)
+    one = cycle.PlacementSettings(drain_concurrency=1)
+    s = snap(claims=claims, workloads=work, registered=frozenset(INV), draining=True, settings=one)
     plan = decide(s)
     assert kinds(plan) == [("HandOff", "@alice")]
     assert "hand off @alice (draining)" in plan.sentence
     waiting = replace(
         s,
-        handoff_in_flight="@alice",
+        in_flight=frozenset({"@alice"}),
         claims={"@bob": claims["@bob"]},
         workloads={"@bob": work["@bob"]},
         registered=frozenset({"@bob"}),
     )
     assert decide(waiting).actions == ()  # the next one only after @alice passed elsewhere
+    # A busy handoff (its action still running) counts too.
+    assert decide(replace(s, busy=frozenset({"@alice"}))).actions == ()
+    two = replace(s, settings=cycle.PlacementSettings(drain_concurrency=2))
+    assert [k for k, _ in kinds(decide(two))] == ["HandOff", "HandOff"]
+    assert len(kinds(decide(replace(two, in_flight=frozenset({"@carol"}))))) == 1
     vac = snap(claims={}, draining=True, vacancies={"@alice": Vacancy(since=0.0)})
     assert decide(vac).actions == ()
+
+
+def test_a_cycle_looks_only_at_dirty_atsigns_and_leaves_busy_ones_alone() -> None:
+    claims = {"@alice": claim("@alice", 9, session="other", node="b1")}
+    work = {"@alice": workload("@alice", 5), "@bob": workload("@bob", 4)}
+    s = snap(claims=claims, workloads=work, inventory=INV, vacancies={})
+    everything = decide(s)
+    assert ("Fence", "@alice") in kinds(everything)
+    assert ("ClaimAndStart", "@carol") in kinds(everything)
+    only_carol = decide(replace(s, dirty=frozenset({"@carol"})))
+    assert kinds(only_carol) == [("ClaimAndStart", "@carol")]
+    assert decide(replace(s, dirty=frozenset({"@alice"}), busy=frozenset({"@alice"}))).actions == ()
+    # Capacity counts claims still being made by running actions.
+    full = replace(s, dirty=frozenset({"@carol"}), claiming=1000)
+    assert decide(full).actions == ()
+
+
+def test_waiting_atsigns_are_named_with_when_to_look_again() -> None:
+    vac = {"@alice": Vacancy(since=100.0, last_node="a2", last_cloud="A")}
+    s = snap(claims={}, vacancies=vac, inventory={"@alice": INV["@alice"]})
+    plan = decide(s)
+    assert plan.actions == ()
+    assert plan.waiting == ((100.5, "@alice"),) and plan.wake_at == 100.5
+    excluded = replace(s, excluded={"@alice": 130.0})
+    assert decide(excluded).waiting == ((130.0, "@alice"),)
 
 
 def test_explicit_handoff_and_exclusion_after_it() -> None:
@@ -180,3 +211,30 @@ def test_claims_of_atsigns_removed_from_the_inventory_are_handed_off() -> None:
     plan = decide(s)
     assert kinds(plan) == [("HandOff", "@zed")]
     assert "not in the inventory" in plan.sentence
+
+
+def test_a_plan_of_a_thousand_actions_is_one_readable_sentence() -> None:
+    inv = {f"@a{i:04d}": AtSignPolicy(f"@a{i:04d}") for i in range(1000)}
+    plan = decide(snap(claims={}, inventory=inv, vacancies={}, nodes=(A1,)))
+    assert len(plan.actions) == 1000
+    assert len(plan.sentence) < 1000, plan.sentence
+    assert "and 989 more (claim and start 989)" in plan.sentence
+    parts = [f"claimed @a{i} (token {i}, rank 0)" for i in range(50)]
+    parts.append("ClaimAndStart @z failed: OSError: disk")
+    short = cycle.shorten(parts)
+    assert "ClaimAndStart @z failed: OSError: disk" in short  # failures always in full
+    assert short[-1] == "and 40 more (claimed 40)"
+
+
+def test_a_handed_off_claim_the_watch_still_shows_is_not_started_again() -> None:
+    """The handoff stopped and released @alice; until the claims watch says so, the cache
+    still shows our claim and nothing runs: that is no reason to start it."""
+    s = snap(
+        claims={"@alice": claim("@alice", 5)},
+        draining=True,
+        in_flight=frozenset({"@alice"}),
+        dirty={"@alice"},
+    )
+    assert kinds(decide(s)) == []
+    # Not in flight: a held claim with nothing running is started again.
+    assert kinds(decide(replace(s, in_flight=frozenset(), draining=False))) == [("Start", "@alice")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -90,11 +91,148 @@ async def test_a_newer_supervisors_heartbeat_rules_until_its_deadline(
     assert [w.atsign for w in await runner.list()] == ["@carol"]
 
 
+@pytest.mark.parametrize("left_running", [False, True])
 async def test_clean_shutdown_heartbeat_lets_the_fence_exit(
-    runner: ProcessRunner, tmp_path: Path
+    runner: ProcessRunner, tmp_path: Path, left_running: bool
 ) -> None:
+    """After a clean shutdown the fence exits at once; anything the supervisor could not
+    stop (its runner failed during shutdown) is stopped first and logged."""
+    if left_running:
+        await start_sleeper(runner, tmp_path, "@dave", 9)
     write_heartbeat(
         tmp_path / "heartbeat.json",
         Heartbeat(pid=os.getpid(), deadline=time.monotonic() + 5, written=0, state="stopped"),
     )
-    await make_fence(runner, tmp_path).run()  # returns: stopped cleanly, nothing runs
+    started = time.monotonic()
+    async with asyncio.timeout(3):  # well before the heartbeat's deadline
+        await make_fence(runner, tmp_path).run()
+    assert time.monotonic() - started < 3
+    assert await runner.list() == []
+    log = tmp_path / "fence.log"
+    entries = log.read_text().splitlines() if log.exists() else []
+    if left_running:
+        assert len(entries) == 1 and '"reason": "supervisor shut down"' in entries[0]
+    else:
+        assert entries == []
+
+
+async def test_a_dead_supervisors_session_is_released_after_its_deadline_only(
+    runner: ProcessRunner, tmp_path: Path
+) -> None:
+    """After the supervisor died and the deadline passed (workloads stopped), the fence ends
+    the recorded session once; not a record a successor wrote after the last heartbeat, and
+    nothing after a clean shutdown."""
+    from supervisor.resume import SessionRecord, save_record
+
+    record = tmp_path / "session.json"
+    hb = tmp_path / "heartbeat.json"
+    released: list[str] = []
+
+    async def release(sid: str) -> None:
+        released.append(sid)
+
+    async def fence_of(pid: int) -> Fence:
+        return Fence(
+            runner,
+            hb,
+            tmp_path / "fence.log",
+            supervisor_pid=pid,
+            poll_interval=0.05,
+            kill_grace=0.3,
+            session_record=record,
+            release_session=release,
+        )
+
+    async def died(record_first: str | None, deadline_in: float, record_after: str | None) -> None:
+        sup = await asyncio.create_subprocess_exec("sleep", "30")  # stands in for it
+        try:
+            if record_first:
+                save_record(record, SessionRecord("etcd", "p", "n1", record_first))
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + deadline_in
+            write_heartbeat(hb, Heartbeat(pid=sup.pid, deadline=deadline, written=1.0))
+            fence = await fence_of(sup.pid)
+            task = asyncio.create_task(fence.run())
+            await asyncio.sleep(0.1)
+            sup.kill()
+            await sup.wait()
+            if record_after:  # a successor opened a session, its heartbeat not written yet
+                await asyncio.sleep(0.02)
+                save_record(record, SessionRecord("etcd", "p", "n1", record_after))
+            await asyncio.wait_for(task, 10)
+            assert time.monotonic() >= deadline
+        finally:
+            if sup.returncode is None:
+                sup.kill()
+                await sup.wait()
+
+    await start_sleeper(runner, tmp_path, "@alice", 5)
+    await died("6a1b", 0.5, None)
+    assert released == ["6a1b"]
+    assert await runner.list() == []
+    log = (tmp_path / "fence.log").read_text()
+    assert '"event": "session-released"' in log and '"session": "6a1b"' in log
+
+    released.clear()
+    await died("6a1b", 0.3, "beef")
+    assert released == []
+
+    # A clean shutdown: the supervisor revoked its own session; nothing to release.
+    save_record(record, SessionRecord("etcd", "p", "n1", "6a1c"))
+    write_heartbeat(
+        hb, Heartbeat(pid=os.getpid(), deadline=time.monotonic() - 1, written=2.0, state="stopped")
+    )
+    await asyncio.wait_for((await fence_of(os.getpid())).run(), 5)
+    assert released == []
+
+
+async def test_a_leftover_record_delays_the_release_but_never_keeps_the_fence(
+    runner: ProcessRunner, tmp_path: Path
+) -> None:
+    """An atServer that exited by itself leaves its record (STOPPED): the fence does not end
+    the session while a record is listed (it could be an unfinished start), and exits once
+    the session's TTL after the deadline has passed (the session is gone by then anyway)."""
+    from supervisor.resume import SessionRecord, save_record
+
+    spec = WorkloadSpec(
+        atsign="@gone",
+        node="n1",
+        port=1,
+        data_dir=tmp_path / "data" / "@gone",
+        fencing_token=1,
+        command=("true",),
+    )
+    await runner.start(spec)
+    record, hb = tmp_path / "session.json", tmp_path / "heartbeat.json"
+    released: list[str] = []
+
+    async def release(sid: str) -> None:
+        released.append(sid)
+
+    sup = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        save_record(record, SessionRecord("etcd", "p", "n1", "6a1b"))
+        await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 0.2
+        write_heartbeat(hb, Heartbeat(pid=sup.pid, deadline=deadline, written=1.0))
+        fence = Fence(
+            runner,
+            hb,
+            tmp_path / "fence.log",
+            supervisor_pid=sup.pid,
+            poll_interval=0.05,
+            kill_grace=0.3,
+            session_record=record,
+            release_session=release,
+            session_ttl=0.5,
+        )
+        sup.kill()
+        await sup.wait()
+        await asyncio.wait_for(fence.run(), 5)
+        assert time.monotonic() >= deadline + 0.5
+        assert released == []
+        assert [w.state for w in await runner.list()] == [WorkloadState.STOPPED]
+    finally:
+        if sup.returncode is None:
+            sup.kill()
+            await sup.wait()

@@ -1,11 +1,14 @@
 """A local cluster of real `supervisor run` processes for the integration tests.
 
-Each node gets its own YAML file, state directory and HTTP port; all nodes share one
-inventory file and one data root (the data directory "follows the claim", and the dev
-atServer's fence file refuses lower tokens). Supervisors are ``ManagedProcess``es; their
-fences and atServers run in their own sessions, so :meth:`Cluster.close` stops the
-supervisors cleanly and then waits for (or, as a last resort, kills by PID) whatever
-they started.
+Each node gets its own YAML file, state directory, HTTP port and Consul client agent (joined
+to the session's Consul server, as each production node runs its own agent: the node check
+that the session keeper passes lives on the node's Consul node); all nodes share one
+inventory file. The data follows the claim on CephFS: with ``ceph`` every node mounts the
+cluster's own directory of the session's Ceph with its own ceph-fuse (managed by its
+supervisor) and cephx key; without it each node has a local data root of its own.
+Supervisors are ``ManagedProcess``es; their fences and atServers run in their own sessions,
+so :meth:`Cluster.close` stops the supervisors cleanly and then waits for (or, as a last
+resort, kills by PID) whatever they started.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
+import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -28,11 +34,58 @@ from typing import Any
 import psutil
 import yaml
 
+from supervisor.registration import health_entries
+from testbed.ceph import DATA_ROOT, CephCluster, reap_managed_mount
+from testbed.consul import ConsulAgent
 from testbed.ports import free_port
 from testbed.process import ManagedProcess
 from testbed.tls import CertPair
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def cli(
+    *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``supervisor`` CLI (``env``: extra variables) and capture what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+@dataclass
+class ApiSecrets:
+    """The node API's TLS and bearer tokens of a secure cluster (one per role, in files)."""
+
+    ca: Path
+    cert: CertPair
+    tokens: dict[str, str]
+    files: dict[str, Path]
+
+    @classmethod
+    def make(cls, base: Path, ca: Path, cert: CertPair) -> ApiSecrets:
+        base.mkdir(parents=True, exist_ok=True)
+        tokens = {role: secrets.token_hex(24) for role in ("operator", "peer", "registrar")}
+        files = {}
+        for role, token in tokens.items():
+            path = base / f"{role}.token"
+            path.write_text(token + "\n")
+            path.chmod(0o600)
+            files[role] = path
+        return cls(ca, cert, tokens, files)
+
+    def http_section(self, port: int, public_port: int) -> dict[str, Any]:
+        return {
+            "listen": f"127.0.0.1:{port}",
+            "public_listen": f"127.0.0.1:{public_port}",
+            "tls": {"ca": str(self.ca), "cert": str(self.cert.cert), "key": str(self.cert.key)},
+            "auth": {f"{role}_token": {"file": str(path)} for role, path in self.files.items()},
+        }
 
 
 @dataclass
@@ -43,18 +96,39 @@ class Node:
     state_dir: Path
     http_port: int
     proc: ManagedProcess
+    agent: ConsulAgent
     sentences_seen: int = 0
+    secure: ApiSecrets | None = None
+    """Set when the node API runs with TLS and tokens (``make_cluster(secure=True)``)."""
+    public_port: int | None = None
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.secure is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def public_api(self) -> str:
+        """The read-only listener (``http.public_listen``), or the API without one."""
+        if self.public_port is None:
+            return self.api
+        return f"http://127.0.0.1:{self.public_port}"
+
+    def _open(self, req: urllib.request.Request, timeout: float) -> Any:
+        if self.secure is not None and req.full_url.startswith("https:"):
+            req.add_header("Authorization", f"Bearer {self.secure.tokens['operator']}")
+            ctx = ssl.create_default_context(cafile=str(self.secure.ca))
+            with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+                return json.loads(resp.read())
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
 
     def start(self) -> None:
         self.proc.start()
 
     def get(self, path: str, timeout: float = 2.0) -> Any:
-        with urllib.request.urlopen(self.api + path, timeout=timeout) as resp:
-            return json.loads(resp.read())
+        """GET from the API (with the operator's token when secure)."""
+        return self._open(urllib.request.Request(self.api + path), timeout)
 
     def post(self, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         req = urllib.request.Request(
@@ -63,8 +137,7 @@ class Node:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+        return self._open(req, timeout)
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -75,7 +148,9 @@ class Node:
 
     def ready(self) -> bool:
         try:
-            return bool(self.get("/readyz").get("ready"))
+            return bool(
+                self._open(urllib.request.Request(self.public_api + "/readyz"), 2.0)["ready"]
+            )
         except (OSError, ValueError):
             return False
 
@@ -134,12 +209,13 @@ def pid_alive(pid: int, create_time: float | None = None) -> bool:
 
 @dataclass
 class Cluster:
-    """Three (or more) supervisor nodes sharing an inventory, a DCS prefix and a Consul agent."""
+    """Three (or more) supervisor nodes sharing an inventory, a DCS prefix and a Consul
+    server; each with its own Consul client agent."""
 
     base: Path
     backend: str
     dcs: dict[str, Any]
-    consul_url: str
+    consul: ConsulAgent
     service: str
     cert: CertPair
     ca_path: Path
@@ -149,10 +225,26 @@ class Cluster:
     extra: Mapping[str, Any] = field(default_factory=dict)
     observe: Callable[[Node], dict[str, int]] | None = None
     """How to see a node's running atServers (default: the process runner's pid files)."""
+    ceph: CephCluster | None = None
+    """Shared storage for the data roots (see the module docstring)."""
+    uid: str = field(default_factory=lambda: secrets.token_hex(3))
+    secure: ApiSecrets | None = None
+    """TLS and tokens on every node's API (see :class:`ApiSecrets`)."""
+
+    @property
+    def consul_url(self) -> str:
+        """The Consul server's HTTP address (the catalog and health every agent syncs to)."""
+        return self.consul.url
 
     def add_node(self, name: str, cloud: str, **overrides: Any) -> Node:
         state = self.base / name / "state"
+        # Consul node names are unique in the whole LAN pool, which outlives this cluster.
+        agent = ConsulAgent(
+            self.base / name, name=f"{name}-{secrets.token_hex(3)}", join=self.consul
+        )
+        agent.start()
         http_port = free_port()
+        public_port = free_port() if self.secure is not None else None
         low = random.randrange(20000, 29000)
         cfg: dict[str, Any] = {
             "node": {
@@ -164,14 +256,14 @@ class Cluster:
             "dcs": self.dcs,
             "timing": {"ttl": self.ttl, "probe_interval": 0.5},
             "consul": {
-                "url": self.consul_url,
+                "url": agent.url,
                 "service_name": self.service,
                 "deregister_critical_after": "1m",
             },
             "runner": {
                 "kind": "process",
                 "port_range": [low, low + 40],
-                "data_root": str(self.base / "data"),
+                "data_root": str(self.base / name / "data"),
                 "state_dir": str(state),
                 "tls": {
                     "ca": str(self.ca_path),
@@ -180,7 +272,16 @@ class Cluster:
                 },
                 "stop_timeout": 3,
             },
-            "http": {"listen": f"127.0.0.1:{http_port}"},
+            "storage": (
+                self.ceph.supervisor_storage(f"{name}-{self.uid}", f"{DATA_ROOT}/{self.uid}")
+                if self.ceph is not None
+                else {"kind": "local"}
+            ),
+            "http": (
+                self.secure.http_section(http_port, public_port or free_port())
+                if self.secure is not None
+                else {"listen": f"127.0.0.1:{http_port}"}
+            ),
             "placement": {"rank_delay": 0.3},
             "inventory": {"path": str(self.base / "inventory.yaml")},
         }
@@ -200,7 +301,17 @@ class Cluster:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             cwd=REPO_ROOT,
         )
-        node = Node(name, cloud, path, state, http_port, proc)
+        node = Node(
+            name,
+            cloud,
+            path,
+            state,
+            http_port,
+            proc,
+            agent,
+            secure=self.secure,
+            public_port=public_port,
+        )
         self.nodes[name] = node
         return node
 
@@ -230,12 +341,8 @@ class Cluster:
         return out
 
     def consul_instances(self, passing_only: bool = True) -> list[dict[str, Any]]:
-        url = f"{self.consul_url}/v1/health/service/{self.service}"
-        if passing_only:
-            url += "?passing=1"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            result: list[dict[str, Any]] = json.loads(resp.read())
-            return result
+        """Instances of the atSigns in their shard services (``consul.shards``: default)."""
+        return health_entries(self.consul_url, self.service, self.atsigns, passing=passing_only)
 
     def passing(self) -> dict[str, list[tuple[str, int]]]:
         """atSign -> [(node, token)] of passing Consul instances."""
@@ -259,6 +366,36 @@ class Cluster:
             if passing.get(a) != run[a]:
                 return False
         return True
+
+    def fail_back(self, atsign: str, preferred: str, other: str, what: str) -> float:
+        """Start ``other`` alone until it runs ``atsign``, then ``preferred``; return the
+        seconds until ``atsign`` is back on ``preferred`` and everything passes."""
+
+        def on(node: str) -> bool:
+            return self.running().get(atsign, [("", 0)])[0][0] == node and self.all_once()
+
+        self.start(other)
+        self.wait(lambda: on(other), 60, f"{atsign} on {other} while {preferred} is down")
+        self.start(preferred)
+        return self.wait(lambda: on(preferred), 60, what)
+
+    def wait_stable(self, quiet: float, timeout: float) -> dict[str, list[tuple[str, int]]]:
+        """Wait until every atSign runs once and :meth:`running` has not changed for ``quiet``
+        seconds; return that placement."""
+        deadline = time.monotonic() + timeout
+        last = self.running()
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self.running()
+            if now != last or not self.all_once():
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return now
+        raise AssertionError(
+            f"the placement did not stay the same for {quiet:g}s within {timeout:g}s\n"
+            f"running={self.running()}\n" + self.dump()
+        )
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> float:
         """Poll until ``predicate()``; return the seconds it took; fail with the nodes' state."""
@@ -303,6 +440,9 @@ class Cluster:
             if pid_alive(pid, created):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+        for n in self.nodes.values():
+            n.agent.stop()
+            reap_managed_mount(n.state_dir, self.base / n.name / "data")
 
 
 def is_fence_of(pid: int, config_path: Path) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from testbed.consul import ConsulAgent
 from testbed.etcd import EtcdCluster
 from testbed.tls import CertPair, TestCA
-from tests.integration.supervisor.cluster import Cluster
+from tests.integration.supervisor.cluster import ApiSecrets, Cluster
 
 ETCD_TTL = 4
 """Small enough for quick tests, large enough for 3 supervisors + 9 atServers on 2 cores."""
@@ -39,7 +39,10 @@ def make_cluster(
 ) -> Iterator[MakeCluster]:
     """``make_cluster(backend, nodes=[("a1","A"),...], atsigns=...)``: a started cluster.
 
-    The etcd fixture is only requested for the etcd backend (``request.getfixturevalue``).
+    The etcd fixture is only requested for the etcd backend, the session's Ceph only for
+    ``storage="cephfs"`` (the default: the nodes' data roots are mounts of one CephFS
+    directory; ``"local"``: each node its own directory, for single-node tests).
+    ``secure=True``: every node API serves HTTPS with bearer tokens per role (ApiSecrets).
     """
     made: list[Cluster] = []
 
@@ -51,6 +54,8 @@ def make_cluster(
         atsign_options: dict[str, dict[str, Any]] | None = None,
         etcd_fixture: str = "etcd",
         overrides: dict[str, Any] | None = None,
+        storage: str = "cephfs",
+        secure: bool = False,
     ) -> Cluster:
         if backend == "etcd":
             etcd: EtcdCluster = request.getfixturevalue(etcd_fixture)
@@ -71,13 +76,21 @@ def make_cluster(
             base=tmp_path / f"cluster{len(made)}",
             backend=backend,
             dcs=dcs,
-            consul_url=consul_agent.url,
+            consul=consul_agent,
             service=_service_name(key_prefix),
             cert=server_cert,
             ca_path=test_ca.cert_path,
             atsigns=list(atsigns),
             ttl=ttl,
             extra=overrides or {},
+            ceph=request.getfixturevalue("ceph_cluster") if storage == "cephfs" else None,
+            secure=(
+                ApiSecrets.make(
+                    tmp_path / f"cluster{len(made)}-secrets", test_ca.cert_path, server_cert
+                )
+                if secure
+                else None
+            ),
         )
         made.append(cluster)
         for name, cloud in nodes:

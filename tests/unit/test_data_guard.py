@@ -1,0 +1,142 @@
+"""The data guard: its verdict (pure), its marker file, and the daemon acting on it (fakes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from atserver_runner.paths import atsign_dir
+from leases.base import ClaimInfo, Generation, GenerationStamp
+from supervisor import data_guard
+from supervisor.data_guard import Marker, read_marker, verdict, write_marker
+from tests.unit.daemon_harness import make_harness
+
+REC = Generation("@alice", 19, "a1", "A", dir_id="d" * 32, prev=12, time=1.0)
+
+
+def test_a_new_atsign_starts_fresh_with_a_new_dir_id() -> None:
+    v = verdict(None, None, cloud="B")
+    assert v.ok and v.stamp is not None
+    assert v.stamp.expected == 0 and v.stamp.prev == 0 and len(v.stamp.dir_id) == 32
+
+
+def test_the_current_copy_may_start_and_builds_on_the_record() -> None:
+    v = verdict(REC, Marker(19, "d" * 32, "a1"))
+    assert v.ok and v.stamp is not None
+    assert (v.stamp.expected, v.stamp.dir_id, v.stamp.prev) == (19, "d" * 32, 19)
+
+
+@pytest.mark.parametrize(
+    ("marker", "reason"),
+    [
+        (None, "data dir holds no generation, the last start was 19 on a1"),
+        (Marker(12, "d" * 32), "data dir holds generation 12, the last start was 19 on a1"),
+        (Marker(23, "d" * 32), "data dir holds generation 23, the last start was 19 on a1"),
+        (Marker(19, "e" * 32), "data dir holds generation 19 of another copy"),
+    ],
+)
+def test_anything_but_the_recorded_copy_is_refused(marker: Marker | None, reason: str) -> None:
+    v = verdict(REC, marker)
+    assert not v.ok and v.stamp is None
+    assert v.reason.startswith(reason), v.reason
+
+
+def test_a_marker_without_a_record_is_refused() -> None:
+    v = verdict(None, Marker(12, "d" * 32, "a1"))
+    assert not v.ok
+    assert "but the DCS has no generation record" in v.reason
+
+
+def test_marker_round_trip_and_damage(tmp_path: Path) -> None:
+    assert read_marker(tmp_path) is None
+    write_marker(tmp_path, Marker(5, "x" * 32, "a1", 1.0, "@alice"))
+    assert read_marker(tmp_path) == Marker(5, "x" * 32, "a1", 1.0, "@alice")
+    before = data_guard.fingerprint(tmp_path)
+    write_marker(tmp_path, Marker(6, "x" * 32, "a1", 2.0, "@alice"))
+    assert data_guard.fingerprint(tmp_path) != before
+    (tmp_path / data_guard.MARKER_NAME).write_text("{nope")
+    with pytest.raises(data_guard.MarkerUnreadable, match="damaged"):
+        read_marker(tmp_path)
+
+
+async def test_a_start_writes_the_marker_and_the_record_with_the_claim_token(
+    tmp_path: Path,
+) -> None:
+    h = await make_harness(tmp_path, ["@alice"])
+    sentence = await h.cycle()
+    assert "claimed @alice" in sentence
+    token = h.dcs.claims["@alice"].token
+    record = h.dcs.generations["@alice"]
+    marker = read_marker(atsign_dir(h.sup.cfg.runner.data_root, "@alice"))
+    assert record.token == token and record.node == "a1"
+    assert marker is not None and marker.token == token and marker.dir_id == record.dir_id
+    assert h.runner.started == [("@alice", token)]
+
+
+async def test_separate_data_dir_is_refused_once_and_not_claimed(tmp_path: Path) -> None:
+    """The measured bug: b1 took @alice over from an empty data dir. Now a1 (here) has an
+    empty dir while the record says @alice last started on b1: it refuses, claims nothing."""
+    h = await make_harness(tmp_path, ["@alice"])
+    h.dcs.generations["@alice"] = Generation("@alice", 19, "b1", "B", dir_id="b" * 32)
+    sentence = await h.cycle()
+    assert "refused @alice: data dir holds no generation, the last start was 19 on b1" in sentence
+    assert "@alice" not in h.dcs.claims
+    assert h.runner.started == []
+    assert h.dcs.nodes["a1"]["refused"] == {
+        "@alice": "data dir holds no generation, the last start was 19 on b1"
+    }
+    assert h.sup.status()["stale_data_refused"]["@alice"]["reason"].startswith("data dir holds")
+    # It does not try again while its data dir is unchanged.
+    sentence = await h.cycle()
+    assert "claim and start" not in sentence and "=>" not in sentence, sentence
+    assert "1 vacant atSign(s) refused for stale data here" in sentence
+    assert h.runner.started == []
+
+
+async def test_a_refusal_is_checked_again_when_the_data_dir_changes(tmp_path: Path) -> None:
+    h = await make_harness(tmp_path, ["@alice"])
+    h.dcs.generations["@alice"] = Generation("@alice", 19, "b1", "B", dir_id="b" * 32)
+    await h.cycle()
+    assert "@alice" in h.sup.state.refused
+    # The current copy arrives (a restore, a remount): the marker now matches the record.
+    write_marker(atsign_dir(h.sup.cfg.runner.data_root, "@alice"), Marker(19, "b" * 32, "b1", 1.0))
+    sentence = await h.cycle()
+    assert "claimed @alice" in sentence, sentence
+    assert h.sup.state.refused == {}
+    assert h.dcs.generations["@alice"].prev == 19
+    assert h.dcs.nodes["a1"]["refused"] == {}
+
+
+async def test_a_restart_under_a_held_claim_releases_it_when_the_data_is_stale(
+    tmp_path: Path,
+) -> None:
+    h = await make_harness(tmp_path, ["@alice"])
+    await h.cycle()
+    await h.cycle()
+    h.runner.crash("@alice")
+    # Meanwhile the data dir was replaced by an older copy (say, a bad restore).
+    d = atsign_dir(h.sup.cfg.runner.data_root, "@alice")
+    marker = read_marker(d)
+    assert marker is not None
+    write_marker(d, Marker(marker.token - 5, marker.dir_id, "a1", 1.0))
+    sentence = await h.cycle()
+    assert "refused @alice: data dir holds generation" in sentence, sentence
+    assert "@alice" not in h.dcs.claims  # released: a node whose copy is current can take it
+
+
+async def test_the_generation_changing_under_the_check_loses_the_race(tmp_path: Path) -> None:
+    """Check and claim are one step: a record that moved on makes the claim fail."""
+    h = await make_harness(tmp_path, ["@alice"])
+    session = h.session
+    h.dcs.generations["@alice"] = Generation("@alice", 19, "b1", dir_id="b" * 32)
+    stale = GenerationStamp(expected=12, dir_id="b" * 32, prev=12)
+    assert await session.claim("@alice", ClaimInfo(node="a1"), generation=stale) is None
+    assert "@alice" not in h.dcs.claims and h.dcs.generations["@alice"].token == 19
+
+
+def test_the_marker_is_json_any_image_can_ignore(tmp_path: Path) -> None:
+    write_marker(tmp_path, Marker(5, "x" * 32, "a1", 1.0, "@alice"))
+    data = json.loads((tmp_path / ".atfailover-generation").read_text())
+    assert data == {"atsign": "@alice", "dir_id": "x" * 32, "node": "a1", "time": 1.0, "token": 5}
