@@ -16,6 +16,7 @@ from directory.config import ConfigError, DirectoryConfig, load_config
 from directory.logs import configure_logging
 from directory.protocol import AtSignError, atsign_key
 from directory.service import DirectoryService
+from directory.shards import DEFAULT_BASE, DEFAULT_SHARDS, dns_name, registrations
 
 app = typer.Typer(
     help="The atDirectory: answers 'where is @alice?' from Consul's health data.",
@@ -53,7 +54,13 @@ def serve(
     key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
     metrics_host: Annotated[str | None, typer.Option(help="Metrics listen address")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Metrics port, 0: any [9640]")] = None,
-    service: Annotated[str | None, typer.Option(help="Consul service name [atserver]")] = None,
+    service: Annotated[
+        str | None, typer.Option(help="Consul service of the legacy layout [atserver]")
+    ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option(help="Layouts to follow: shard counts, 1 = legacy, e.g. 1,256 [256]"),
+    ] = None,
     max_line_bytes: Annotated[int | None, typer.Option(help="Longest accepted line [512]")] = None,
     idle_timeout: Annotated[
         float | None, typer.Option(help="Close idle clients after s [300]")
@@ -63,7 +70,12 @@ def serve(
     write_timeout: Annotated[
         float | None, typer.Option(help="Client must read within s [10]")
     ] = None,
-    consul_wait: Annotated[float | None, typer.Option(help="Blocking query wait s [30]")] = None,
+    consul_wait: Annotated[
+        float | None, typer.Option(help="Failing-checks query wait s [30]")
+    ] = None,
+    consul_list_wait: Annotated[
+        float | None, typer.Option(help="Service list query wait s [300]")
+    ] = None,
     consul_connect_timeout: Annotated[
         float | None, typer.Option(help="Consul connect timeout s [3]")
     ] = None,
@@ -83,6 +95,7 @@ def serve(
     given: dict[str, Any] = {
         "consul": consul, "host": host, "port": port, "cert": cert, "key": key,
         "metrics_host": metrics_host, "metrics_port": metrics_port, "service": service,
+        "shards": shards, "consul_list_wait": consul_list_wait,
         "max_line_bytes": max_line_bytes, "idle_timeout": idle_timeout,
         "max_connections": max_connections, "handshake_timeout": handshake_timeout,
         "write_timeout": write_timeout, "consul_wait": consul_wait,
@@ -150,6 +163,31 @@ def lookup(
     typer.echo(answer)
     if answer == "null" or answer.startswith("error:"):
         raise typer.Exit(1)
+
+
+@app.command()
+def shard(
+    atsign: Annotated[str, typer.Argument(help="The atSign, e.g. @alice")],
+    service: Annotated[str, typer.Option(help="Service of the legacy layout")] = DEFAULT_BASE,
+    shards: Annotated[str, typer.Option(help="Shard counts, e.g. 1,256")] = f"1,{DEFAULT_SHARDS}",
+    domain: Annotated[str, typer.Option(help="Consul DNS domain")] = "consul",
+) -> None:
+    """Where ATSIGN is registered in Consul: service, service ID and DNS name per layout."""
+    try:
+        counts = [int(p) for p in shards.split(",")]
+    except ValueError:
+        typer.echo(f"atdirectory: --shards: must be counts like 1,256, got {shards!r}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        regs = registrations(atsign, service, counts)
+    except (ValueError, AtSignError) as exc:
+        typer.echo(f"atdirectory: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for reg in regs:
+        typer.echo(
+            f"shards={reg.shards} service={reg.service} id={reg.service_id} tag={reg.tag} "
+            f"dns={dns_name(reg.service, reg.tag, domain)}"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

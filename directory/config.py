@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from directory.shards import DEFAULT_SHARDS, followed_services, normalize_layouts
+
 ENV_PREFIX = "ATDIRECTORY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
@@ -25,8 +27,19 @@ class DirectoryConfig(BaseModel):
 
     consul: str = Field("http://127.0.0.1:8500", description="Consul HTTP API URL")
     consul_token: str | None = Field(None, description="Consul ACL token (X-Consul-Token)")
-    service: str = Field("atserver", min_length=1, description="Consul service name to follow")
-    consul_wait: float = Field(30.0, ge=1.0, le=600.0, description="blocking query wait")
+    service: str = Field(
+        "atserver",
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        max_length=60,
+        description="Consul service name of the legacy layout; shards add -<hex>",
+    )
+    shards: tuple[int, ...] = Field(
+        (DEFAULT_SHARDS,),
+        description="layouts followed: shard counts, 1 = legacy single service; the same "
+        "list as the supervisors' consul.shards, or a superset while migrating",
+    )
+    consul_wait: float = Field(30.0, ge=1.0, le=600.0, description="failing-checks query wait")
+    consul_list_wait: float = Field(300.0, ge=1.0, le=600.0, description="service list query wait")
     consul_connect_timeout: float = Field(3.0, gt=0, le=60.0)
     consul_backoff_initial: float = Field(0.2, gt=0, le=60.0)
     consul_backoff_max: float = Field(5.0, gt=0, le=300.0)
@@ -56,6 +69,32 @@ class DirectoryConfig(BaseModel):
         except ValueError as exc:
             raise ValueError(f"bad port in {value!r}: {exc}") from exc
         return value.rstrip("/")
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards_text(cls, value: Any) -> Any:
+        # "1,256" (command line, environment), 256 or [1, 256] (file).
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise ValueError(
+                    f"must be shard counts separated by commas, like 1,256; got {value!r}"
+                ) from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        return value
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_layouts(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return normalize_layouts(value)
+
+    @property
+    def services(self) -> list[str]:
+        """Every Consul service the directory follows (legacy name and shards)."""
+        return followed_services(self.service, self.shards)
 
     @field_validator("cert", "key")
     @classmethod

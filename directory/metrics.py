@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, Summary
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 
@@ -53,7 +53,7 @@ class DirectoryMetrics:
         )
         self.consul_syncs = Counter(
             "atdirectory_consul_syncs",
-            "Consul health query responses applied to the map",
+            "Service lists from Consul applied to the map (one per change of a service)",
             registry=registry,
         )
         self.consul_up = Gauge(
@@ -74,8 +74,34 @@ class DirectoryMetrics:
         )
         self.instances_masked = Gauge(
             "atdirectory_instances_masked",
-            "atSigns answered null (or by a lower token) because a check failed since the "
-            "last full map",
+            "atSigns answered null (or by a lower token) because a check failed after their "
+            "service's last list",
+            registry=registry,
+        )
+        self.instances_duplicate = Gauge(
+            "atdirectory_instances_duplicate",
+            "Passing instances with the same atSign and token as the answered one (the same "
+            "claim registered in several layouts, as during a migration)",
+            registry=registry,
+        )
+        self.services_followed = Gauge(
+            "atdirectory_services_followed",
+            "Consul services whose passing instances are followed (legacy and shards)",
+            registry=registry,
+        )
+        self.services_unsynced = Gauge(
+            "atdirectory_services_unsynced",
+            "Followed services that have not delivered a first list yet",
+            registry=registry,
+        )
+        self.instance_changes = Counter(
+            "atdirectory_instance_changes",
+            "Instances added, changed or removed by the lists applied",
+            registry=registry,
+        )
+        self.list_apply_seconds = Summary(
+            "atdirectory_list_apply_seconds",
+            "Time to parse and apply one service list (the directory's cost of a change)",
             registry=registry,
         )
         self._map_age = Gauge(
@@ -89,6 +115,13 @@ class DirectoryMetrics:
         self._connections_open = Gauge(
             "atdirectory_connections_open", "Connections open now", registry=registry
         )
+        self.connections_limit = Gauge(
+            "atdirectory_connections_limit",
+            "max_connections: more open connections are refused",
+            registry=registry,
+        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... of this replica.
+        ProcessCollector(registry=registry)
 
     def bind_map(self, age: Callable[[], float], size: Callable[[], int]) -> None:
         """Compute map age and size at scrape time from these callables."""

@@ -97,6 +97,7 @@ class DirectoryServer:
         self._open: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         metrics.bind_connections(lambda: len(self._open))
+        metrics.connections_limit.set(self.limits.max_connections)
 
     @property
     def port(self) -> int:

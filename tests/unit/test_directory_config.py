@@ -53,3 +53,47 @@ def test_missing_cert_and_bad_file(tmp_path: Path) -> None:
     f.write_text("prot: 1\n")
     with pytest.raises(ConfigError, match=f"{f}: prot: unknown setting"):
         load_config({}, {}, f)
+
+
+def test_shards_from_every_source(tmp_path: Path, pem: dict[str, str]) -> None:
+    # A fresh deployment: 256 shards, as the supervisors' consul.shards default.
+    assert load_config(pem, {}).shards == (256,)
+    assert load_config(pem, {}).services[:2] == ["atserver-00", "atserver-01"]
+    assert load_config({**pem, "shards": "1"}, {}).services == ["atserver"]
+    assert load_config({**pem, "shards": "1, 256"}, {}).shards == (1, 256)
+    assert load_config(pem, {"ATDIRECTORY_SHARDS": "16"}).shards == (16,)
+    f = tmp_path / "d.yaml"
+    f.write_text("shards: [1, 4096]\nservice: at-x\n")
+    cfg = load_config(pem, {}, f)
+    assert cfg.shards == (1, 4096) and len(cfg.services) == 4097
+    assert cfg.services[:2] == ["at-x", "at-x-000"]
+    f.write_text("shards: 256\n")
+    assert load_config(pem, {}, f).shards == (256,)
+
+
+@pytest.mark.parametrize(
+    ("cli", "env", "message"),
+    [
+        ({"shards": "100"}, {}, "--shards (command line): Value error, shards must be 1 or a"),
+        ({"shards": "8,16"}, {}, "--shards (command line): Value error, shard counts 8 and 16"),
+        ({}, {"ATDIRECTORY_SHARDS": "a,b"}, "ATDIRECTORY_SHARDS (environment): Value error, must"),
+        ({"shards": ""}, {}, "--shards (command line): Value error, must be shard counts"),
+        ({"service": "At Server"}, {}, "--service (command line): String should match pattern"),
+        ({"consul_list_wait": 0.5}, {}, "--consul-list-wait (command line): Input should be"),
+    ],
+)
+def test_layout_errors_name_the_setting(
+    pem: dict[str, str], cli: dict[str, object], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({**pem, **cli}, env)
+    assert message in str(err.value)
+
+
+def test_layout_error_in_the_file_names_the_file_and_key(
+    tmp_path: Path, pem: dict[str, str]
+) -> None:
+    f = tmp_path / "d.yaml"
+    f.write_text("shards: [1, 3]\n")
+    with pytest.raises(ConfigError, match=f"{f}: shards: Value error, shards must be"):
+        load_config(pem, {}, f)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import socket
 import ssl
 import sys
@@ -20,6 +21,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from directory.shards import registrations, service_id, shard_service
+from supervisor.registration import NODE_CHECK
 from testbed.consul import ConsulAgent
 from testbed.ports import free_port
 from testbed.process import ManagedProcess, wait_until
@@ -44,10 +47,13 @@ def consul_put(url: str, path: str, body: Any = None, timeout: float = 5.0) -> N
 class Registrar:
     """Registers ``atserver`` instances the way the supervisor does (TTL checks we flip)."""
 
-    def __init__(self, agent: ConsulAgent) -> None:
+    def __init__(self, agent: ConsulAgent, base_dir: Path) -> None:
         self.agent = agent
+        self.base_dir = base_dir
         self.ids: list[str] = []
         self.catalog_nodes: set[str] = set()
+        self.node_agents: dict[str, ConsulAgent] = {}
+        self.agent_of: dict[str, ConsulAgent] = {}  # service ID -> the node agent holding it
 
     def register(
         self,
@@ -88,39 +94,142 @@ class Registrar:
         self.ids.append(sid)
         return sid
 
+    def node_agent(self, node: str) -> ConsulAgent:
+        """The Consul client agent of test node ``node`` (started on first use, joined to the
+        server), with the supervisor's node check ``atfailover-supervisor`` passing: as in
+        production, every node has its own agent and so its own node check."""
+        agent = self.node_agents.get(node)
+        if agent is None:
+            agent = ConsulAgent(
+                self.base_dir, name=f"{node}-{secrets.token_hex(3)}", join=self.agent
+            )
+            agent.start()
+            self.node_agents[node] = agent
+            consul_put(
+                agent.url,
+                "/v1/agent/check/register",
+                {"ID": NODE_CHECK, "Name": f"supervisor on {node} holds its DCS session",
+                 "TTL": "3600s", "Status": "passing"},
+            )  # fmt: skip
+        return agent
+
+    def set_node_alive(self, node: str, alive: bool) -> None:
+        """Pass or fail the node's node check: every instance on that Consul node follows."""
+        verb = "pass" if alive else "fail"
+        consul_put(self.node_agent(node).url, f"/v1/agent/check/{verb}/{NODE_CHECK}")
+
+    def register_like_supervisor(
+        self,
+        atsign: str,
+        port: int,
+        token: int,
+        *,
+        base: str,
+        shards: tuple[int, ...] = (1,),
+        host: str = "127.0.0.1",
+        node: str = "n1",
+        cloud: str = "a",
+        passing: bool = True,
+        id_suffix: str = "",
+    ) -> list[str]:
+        """One instance per layout in ``shards``, named as ``directory.shards`` says: service
+        (legacy or shard), ID ``<service>-<name>``, tags, meta, a TTL check ``<id>:at-protocol``
+        on the node's own agent (:meth:`node_agent`), whose node check covers it.
+        ``id_suffix`` keeps two owners' IDs apart. Returns the IDs."""
+        agent = self.node_agent(node)
+        key = atsign.lstrip("@").lower()
+        sids = []
+        for reg in registrations(atsign, base, shards):
+            sid = reg.service_id + id_suffix
+            consul_put(
+                agent.url,
+                "/v1/agent/service/register",
+                {
+                    "Name": reg.service,
+                    "ID": sid,
+                    "Address": host,
+                    "Port": port,
+                    "Tags": [reg.tag, f"node-{node}", f"cloud-{cloud}"],
+                    "Meta": {
+                        "atsign": f"@{key}",
+                        "node": node,
+                        "cloud": cloud,
+                        "fencing_token": str(token),
+                    },
+                    "Check": {
+                        "CheckID": f"{sid}:at-protocol",
+                        "Name": f"@{key} at-protocol round trip",
+                        "TTL": "3600s",
+                        "Status": "passing" if passing else "critical",
+                    },
+                },
+            )
+            self.agent_of[sid] = agent
+            sids.append(sid)
+        return sids
+
+    def set_probe(self, sid: str, passing: bool) -> None:
+        """Pass or fail an instance's at-protocol TTL check (as the supervisor's probe does)."""
+        verb = "pass" if passing else "fail"
+        consul_put(self._agent_url(sid), f"/v1/agent/check/{verb}/{sid}:at-protocol")
+
+    def _agent_url(self, sid: str) -> str:
+        return self.agent_of.get(sid, self.agent).url
+
     def set_passing(self, sid: str, passing: bool) -> None:
         verb = "pass" if passing else "fail"
         consul_put(self.agent.url, f"/v1/agent/check/{verb}/service:{sid}")
 
     def deregister(self, sid: str) -> None:
-        consul_put(self.agent.url, f"/v1/agent/service/deregister/{sid}")
+        consul_put(self._agent_url(sid), f"/v1/agent/service/deregister/{sid}")
 
-    def register_bulk(self, base: str, count: int, nodes: int = 10) -> dict[str, str]:
-        """``count`` passing instances on synthetic catalog nodes (64 ops per Consul txn);
-        returns atSign -> expected ``host:port``."""
+    def register_bulk(
+        self, base: str, count: int, nodes: int = 10, *, service: str = "atserver", shards: int = 1
+    ) -> dict[str, str]:
+        """``count`` passing instances on synthetic catalog nodes (64 ops per Consul txn), in
+        ``service`` or, with ``shards`` > 1, in its shards; returns atSign -> ``host:port``."""
         ops: list[dict[str, Any]] = []
         for n in range(nodes):
             node = f"{base}-sim{n}"
             self.catalog_nodes.add(node)
             ops.append({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.2.1"}}})
+            ops.append({"Check": {"Verb": "set", "Check": self.node_check(node, "passing")}})
         expected: dict[str, str] = {}
         for i in range(count):
-            node, sid, name = f"{base}-sim{i % nodes}", f"bulk-{base}-{i}", f"{base}b{i}"
-            service = {
-                "ID": sid, "Service": "atserver", "Address": f"127.0.2.{i % nodes + 1}",
+            node, name = f"{base}-sim{i % nodes}", f"{base}b{i}"
+            if shards > 1:
+                name_of = shard_service(service, name, shards)
+                sid = service_id(name_of, name)
+            else:
+                name_of, sid = service, f"bulk-{base}-{i}"
+            entry = {
+                "ID": sid, "Service": name_of, "Address": f"127.0.2.{i % nodes + 1}",
                 "Port": 10000 + i, "Tags": [name],
                 "Meta": {"atsign": f"@{name}", "fencing_token": str(i + 1)},
             }  # fmt: skip
             check = {"Node": node, "CheckID": f"c-{sid}", "Name": "at-protocol",
                      "Status": "passing", "ServiceID": sid}  # fmt: skip
-            ops.append({"Service": {"Verb": "set", "Node": node, "Service": service}})
+            ops.append({"Service": {"Verb": "set", "Node": node, "Service": entry}})
             ops.append({"Check": {"Verb": "set", "Check": check}})
             expected[f"@{name}"] = f"127.0.2.{i % nodes + 1}:{10000 + i}"
         for start in range(0, len(ops), 64):
             consul_put(self.agent.url, "/v1/txn", ops[start : start + 64], timeout=30)
         return expected
 
+    @staticmethod
+    def node_check(node: str, status: str) -> dict[str, str]:
+        """The supervisor's node check of a synthetic catalog node (no ServiceID)."""
+        return {"Node": node, "CheckID": NODE_CHECK, "Name": "supervisor", "Status": status}
+
+    def set_catalog_node_alive(self, node: str, alive: bool) -> None:
+        """Pass or fail a synthetic catalog node's node check (as its agent would sync it)."""
+        check = self.node_check(node, "passing" if alive else "critical")
+        consul_put(self.agent.url, "/v1/txn", [{"Check": {"Verb": "set", "Check": check}}])
+
     def cleanup(self) -> None:
+        for node_agent in self.node_agents.values():
+            node_agent.stop()  # a client agent leaves: its node, checks and services go
+        self.node_agents.clear()
         if not self.agent.process or not self.agent.process.running():
             return
         for sid in self.ids:
@@ -132,8 +241,8 @@ class Registrar:
 
 
 @pytest.fixture
-def registrar(consul_agent: ConsulAgent) -> Iterator[Registrar]:
-    reg = Registrar(consul_agent)
+def registrar(consul_agent: ConsulAgent, tmp_path: Path) -> Iterator[Registrar]:
+    reg = Registrar(consul_agent, tmp_path)
     try:
         yield reg
     finally:
@@ -144,21 +253,35 @@ class DirectoryProcess:
     """``atdirectory serve`` as a real child process on free loopback ports."""
 
     def __init__(
-        self, base_dir: Path, consul_url: str, cert: CertPair, *extra: str, name: str = "dir"
+        self,
+        base_dir: Path,
+        consul_url: str,
+        cert: CertPair,
+        *extra: str,
+        name: str = "dir",
+        program: list[str] | None = None,
+        pythonpath: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         argv = [
-            str(ATDIRECTORY), "serve",
+            *(program or [str(ATDIRECTORY)]), "serve",
             "--consul", consul_url,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--cert", str(cert.cert), "--key", str(cert.key),
             "--metrics-port", str(self.metrics_port),
             "--consul-wait", "10",
+            # The legacy layout unless the test names one (the last wins); the old version
+            # (``program``) knows no layouts.
+            *(["--shards", "1"] if program is None else []),
             *extra,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("ATDIRECTORY_")}
-        self.process = ManagedProcess(name, argv, base_dir / f"{name}.log", env=env)
+        cwd = None
+        if pythonpath is not None:  # another version of the directory package
+            env["PYTHONPATH"] = str(pythonpath)
+            cwd = pythonpath
+        self.process = ManagedProcess(name, argv, base_dir / f"{name}.log", env=env, cwd=cwd)
 
     def start(self) -> None:
         self.process.start()
@@ -200,10 +323,16 @@ def start_directory(
     """Factory: ``start_directory(*extra_args)`` -> a running :class:`DirectoryProcess`."""
     started: list[DirectoryProcess] = []
 
-    def start(*extra: str) -> DirectoryProcess:
+    def start(
+        *extra: str,
+        consul_url: str | None = None,
+        program: list[str] | None = None,
+        pythonpath: Path | None = None,
+    ) -> DirectoryProcess:
         d = DirectoryProcess(
-            tmp_path, consul_agent.url, server_cert, *extra, name=f"dir{len(started)}"
-        )
+            tmp_path, consul_url or consul_agent.url, server_cert, *extra,
+            name=f"dir{len(started)}", program=program, pythonpath=pythonpath,
+        )  # fmt: skip
         started.append(d)
         d.start()
         return d
