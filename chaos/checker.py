@@ -11,7 +11,13 @@ Inputs (see :mod:`chaos.history` for where they come from):
 
 Checks:
 
-1. ``overlap``: no two instances of one atSign serving at the same time.
+1. ``overlap``: no two instances of one atSign serving at the same time. One exception, a
+   *fenced* overlap, reported apart (``fenced_overlaps``): the old instance's whole node was
+   frozen (``freeze-node``: supervisor, fence, atServers and ceph-fuse stopped, a VM pause)
+   when the new one started, so nobody could stop it; it was fenced instead (the new owner
+   evicted and blocklisted its CephFS client before starting), it stopped within
+   ``FROZEN_STOP_GRACE_S`` of the thaw, and it acknowledged no operation after the new one
+   started. Any acknowledgement after that makes it an ``overlap`` again.
 2. ``token-order``: in start order, each instance's token is >= the previous one, and
    strictly greater when it runs on another node (a new claim).
 3. ``stale-ack``: no write acknowledged by a server whose token was already superseded by an
@@ -96,6 +102,8 @@ class Verdict:
     outcomes: list[FaultOutcome]
     acknowledged_writes: int
     lost_writes: int
+    fenced_overlaps: list[Violation] = field(default_factory=list)
+    """Overlaps excused because the old owner was frozen whole and fenced (module docstring)."""
 
     @property
     def ok(self) -> bool:
@@ -121,6 +129,7 @@ class Verdict:
         return {
             "ok": self.ok,
             "violations": [asdict(v) for v in self.violations],
+            "fenced_overlaps": [asdict(v) for v in self.fenced_overlaps],
             "acknowledged_writes": self.acknowledged_writes,
             "lost_writes": self.lost_writes,
             "recovery_by_kind": self.recovery_by_kind(),
@@ -148,8 +157,42 @@ def _end(i: Instance) -> float:
     return math.inf if i.end is None else i.end
 
 
-def check_overlap(instances: Iterable[Instance]) -> list[Violation]:
-    out = []
+FROZEN_STOP_GRACE_S = 10.0
+"""How long after a ``freeze-node`` thaw the node's own supervisor and fence may take to stop
+its fenced atServers (it finds its session gone at once; the stop itself is bounded by the
+runner's stop timeout)."""
+
+
+def _frozen_then_fenced(
+    a: Instance, b: Instance, faults: Sequence[FaultRecord], ops: Sequence[OpRecord]
+) -> FaultRecord | None:
+    """The ``freeze-node`` fault that excuses ``a`` still running when ``b`` started (see
+    the module docstring), or ``None``."""
+    if a.end is None:
+        return None
+    for f in faults:
+        if f.kind != "freeze-node" or f.target != a.node:
+            continue
+        if not (
+            a.start < f.start <= b.start <= f.healed and a.end <= f.healed + FROZEN_STOP_GRACE_S
+        ):
+            continue
+        acked = any(
+            op.atsign == a.atsign and op.ok and op.token == a.token and op.end > b.start
+            for op in ops
+        )
+        return None if acked else f
+    return None
+
+
+def check_overlap(
+    instances: Iterable[Instance],
+    faults: Sequence[FaultRecord] = (),
+    ops: Sequence[OpRecord] = (),
+) -> tuple[list[Violation], list[Violation]]:
+    """(overlaps, fenced overlaps)."""
+    out: list[Violation] = []
+    fenced: list[Violation] = []
     by_atsign: dict[str, list[Instance]] = {}
     for i in instances:
         by_atsign.setdefault(i.atsign, []).append(i)
@@ -159,16 +202,24 @@ def check_overlap(instances: Iterable[Instance]) -> list[Violation]:
             for b in runs[k + 1 :]:
                 if b.start >= _end(a):
                     continue
-                out.append(
-                    Violation(
-                        "overlap",
-                        atsign,
-                        f"{a.node} (token {a.token}, {a.start:.3f}-{_end(a):.3f}, "
-                        f"end from {a.end_source or 'nothing'}) still served when {b.node} "
-                        f"(token {b.token}) started at {b.start:.3f}",
-                    )
+                detail = (
+                    f"{a.node} (token {a.token}, {a.start:.3f}-{_end(a):.3f}, "
+                    f"end from {a.end_source or 'nothing'}) still served when {b.node} "
+                    f"(token {b.token}) started at {b.start:.3f}"
                 )
-    return out
+                freeze = _frozen_then_fenced(a, b, faults, ops)
+                if freeze is None:
+                    out.append(Violation("overlap", atsign, detail))
+                else:
+                    fenced.append(
+                        Violation(
+                            "fenced-overlap",
+                            atsign,
+                            f"{detail}; {a.node} was frozen {freeze.start:.3f}-"
+                            f"{freeze.healed:.3f} and acknowledged nothing after that start",
+                        )
+                    )
+    return out, fenced
 
 
 def check_token_order(instances: Iterable[Instance]) -> list[Violation]:
@@ -304,7 +355,8 @@ def check(
     unreadable_atsigns: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Every check above over one history."""
-    violations = _annotate_known_dcs_issues(check_overlap(instances), instances, faults)
+    overlaps, fenced = check_overlap(instances, faults, ops)
+    violations = _annotate_known_dcs_issues(overlaps, instances, faults)
     violations += check_token_order(instances)
     violations += check_stale_acks(instances, ops) + check_reads(ops)
     for w in lost:
@@ -320,4 +372,4 @@ def check(
     outcomes, more = fault_outcomes(faults, ops)
     violations += more
     acked = sum(1 for op in ops if op.op == "write" and op.ok)
-    return Verdict(violations, outcomes, acked, len(lost))
+    return Verdict(violations, outcomes, acked, len(lost), fenced)

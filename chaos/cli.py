@@ -45,13 +45,34 @@ def demo(
     runner: Annotated[
         str, typer.Option(help="process, or docker (builds the dev image if needed)")
     ] = "process",
+    storage: Annotated[
+        str,
+        typer.Option(
+            help="cephfs (a Ceph cluster for the demo, each node its own mount) or local "
+            "(one directory on this machine that every node shares: development only)"
+        ),
+    ] = "cephfs",
+    prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--prometheus",
+            help="also start a Prometheus (Debian's package) scraping the cluster with the "
+            "shipped rules, and print its URL (docs/observability.md)",
+        ),
+    ] = False,
 ) -> None:
-    """Start a local cluster, show who owns what, and fail a node over."""
+    """Start a local cluster, show who owns what, fail a node over, read the data back."""
     from chaos.demo import run_demo
 
     if runner not in ("process", "docker"):
         raise typer.BadParameter(f"--runner must be process or docker, got {runner!r}")
-    raise typer.Exit(run_demo(backend, nodes, atsigns, duration, base_dir, interactive, runner))
+    if storage not in ("cephfs", "local"):
+        raise typer.BadParameter(f"--storage must be cephfs or local, got {storage!r}")
+    raise typer.Exit(
+        run_demo(
+            backend, nodes, atsigns, duration, base_dir, interactive, runner, storage, prometheus
+        )
+    )
 
 
 def _recovery_table(by_kind: dict[str, dict[str, object]], title: str) -> object:
@@ -82,6 +103,7 @@ def check(
     out.print(_recovery_table(verdict.recovery_by_kind(), str(report)))
     out.print(
         f"{len(verdict.outcomes)} faults, {len(verdict.violations)} violations, "
+        f"{len(verdict.fenced_overlaps)} fenced overlaps (frozen owners), "
         f"{verdict.acknowledged_writes} acknowledged writes"
     )
     for v in verdict.violations[:20]:
@@ -105,6 +127,20 @@ def run(
     kind: Annotated[
         list[str] | None, typer.Option(help="only these fault kinds (repeatable)")
     ] = None,
+    data_roots: Annotated[
+        str,
+        typer.Option(
+            help="shared (one data root, the data follows the claim) or per-node (a disk per "
+            "node: the data guard refuses takeovers from a copy that is not the latest)"
+        ),
+    ] = "shared",
+    storage: Annotated[
+        str,
+        typer.Option(
+            help="cephfs (a Ceph cluster for the run, each node its own mount; adds the "
+            "kill-osd, kill-active-mds and freeze-node faults) or local (--data-roots)"
+        ),
+    ] = "cephfs",
 ) -> None:
     """Inject a seeded schedule of faults, check the histories, write a report."""
     from rich.console import Console
@@ -113,13 +149,20 @@ def run(
     from chaos.faults import kinds_for
     from chaos.run import RunOptions, run_chaos
 
-    valid = kinds_for(backend, partition=True, opt_in=True)
+    if data_roots not in ("shared", "per-node"):
+        raise typer.BadParameter(f"--data-roots must be shared or per-node, got {data_roots!r}")
+    if storage not in ("cephfs", "local"):
+        raise typer.BadParameter(f"--storage must be cephfs or local, got {storage!r}")
+    valid = kinds_for(backend, partition=True, opt_in=True, storage=storage)
     for k in kind or []:
         if k not in valid:
-            raise typer.BadParameter(f"{k!r} is not a fault kind for {backend}: {list(valid)}")
+            raise typer.BadParameter(
+                f"{k!r} is not a fault kind for {backend} on {storage} storage: {list(valid)}"
+            )
     opts = RunOptions(
         backend=backend, nodes=nodes, atsigns=atsigns, faults=faults, seed=seed,
-        report_dir=report, ttl=ttl, kinds=tuple(kind or ()),
+        report_dir=report, ttl=ttl, kinds=tuple(kind or ()), data_roots=data_roots,
+        storage=storage,
     )  # fmt: skip
     out = Console()
     try:
@@ -131,7 +174,10 @@ def run(
     out.print(_recovery_table(r["recovery_by_kind"], f"{backend}, ttl {r['ttl']:g}s"))
     out.print(
         f"{len(r['violations'])} violations, {r['lost_writes']} lost writes, "
-        f"{r['acknowledged_writes']} acknowledged writes, {r['duration_s']}s; "
+        f"{len(r['fenced_overlaps'])} fenced overlaps (frozen owners), "
+        f"{r['acknowledged_writes']} acknowledged writes "
+        f"({r['verified_through_other_mounts']} also read through another node's mount), "
+        f"{r['stale_data_refusals']} stale-data refusals, {r['duration_s']}s; "
         f"report {result.report_path}, timeline {result.timeline_path}"
     )
     for v in r["violations"][:20]:

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +33,13 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from atserver_runner.paths import atsign_component, atsign_dir
 from chaos.partition import RelayHost
+from supervisor.registration import entry_health, health_entries
+from supervisor.storage import CEPH_FSTYPES, mount_of
+from testbed.ceph import CephCluster, Mount, managed_fuse, reap_managed_mount
 from testbed.consul import ConsulAgent
+from testbed.dockerd import DockerEngine, docker_socket_path
 from testbed.etcd import EtcdCluster, EtcdMember
 from testbed.ports import free_port
 from testbed.process import ManagedProcess, pid_alive, wait_until
@@ -41,6 +47,8 @@ from testbed.tls import CertPair, TestCA
 
 Backend = Literal["etcd", "consul"]
 RunnerKind = Literal["process", "docker"]
+DataRoots = Literal["shared", "per-node"]
+StorageKind = Literal["local", "cephfs", "cephfs-noevict"]
 
 ETCD_ROLES = ("cloud-a", "cloud-b", "witness")
 CLOUDS = ("cloud-a", "cloud-b")
@@ -72,6 +80,20 @@ class ClusterSpec:
     start_timeout: float = 90.0
     dcs_relays: bool = False
     """Route each node's DCS traffic through harness relays, so it can be partitioned."""
+    data_roots: DataRoots = "shared"
+    """``shared``: one data root for every node (the data follows the claim); ``per-node``:
+    each node its own, as machines with local disks have (the data guard then refuses a
+    takeover instead of serving an empty or stale copy). Ignored on CephFS."""
+    storage: StorageKind = "local"
+    """``cephfs``: every node mounts CephFS itself (its own ceph-fuse, managed by its
+    supervisor, its own cephx key) at its own data root; the old owner is fenced at the
+    storage layer on a takeover. ``local``: directories on this machine.
+    ``cephfs-noevict`` (for bench/storage_bench.py, not offered by the CLI): the same CephFS
+    and one ceph-fuse per node (mounted by the harness), but the supervisors are told
+    ``kind: shared``: readiness only, no eviction, what a takeover costs without the fence."""
+    ceph: Any = None
+    """A running :class:`testbed.ceph.CephCluster` to use (a test session's); ``None``
+    starts one for this cluster when ``storage`` is not ``local``."""
 
     @property
     def effective_ttl(self) -> float:
@@ -90,6 +112,33 @@ class AtSignKeys:
         key = serialization.load_pem_private_key(self.private_key.read_bytes(), None)
         assert isinstance(key, rsa.RSAPrivateKey)
         return key
+
+
+def make_atsign_keys(keys_dir: Path, atsigns: Sequence[str]) -> list[AtSignKeys]:
+    """A PKAM key pair per atSign in ``keys_dir`` (``<name>.pem``, ``<name>.pub``: what the
+    dev atServer's ``--pkam-public-key-file`` reads), kept when it exists already."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for atsign in atsigns:
+        name = atsign_component(atsign)
+        priv_path = keys_dir / f"{name}.pem"
+        pub_path = keys_dir / f"{name}.pub"
+        if not priv_path.exists():
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            priv_path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            priv_path.chmod(0o600)
+            der = key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            pub_path.write_text(base64.b64encode(der).decode())
+        out.append(AtSignKeys(atsign, priv_path, pub_path))
+    return out
 
 
 def _kill_pid(pid: int, create_time: float | None, sig: int = signal.SIGKILL) -> bool:
@@ -117,6 +166,11 @@ class Node:
     port_range: tuple[int, int] = (0, 0)
     docker: bool = False
     """Workloads are containers labelled ``atfailover.node=<name>`` (else processes)."""
+    agent: ConsulAgent | None = None
+    """The node's own Consul client agent (its registrations and node check live there)."""
+    mount: Mount | None = None
+    """``cephfs-noevict``: the node's ceph-fuse mount, made by the harness (mounted again by
+    :meth:`start` when its ceph-fuse is gone)."""
     frozen: bool = False
 
     @property
@@ -140,6 +194,10 @@ class Node:
 
     def start(self) -> None:
         self.frozen = False
+        if self.agent is not None and not (self.agent.process and self.agent.process.running()):
+            self.agent.start()
+        if self.mount is not None and self.fuse_pid() is None:
+            self.mount.remount()
         self.process.start()
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -165,7 +223,8 @@ class Node:
         except psutil.Error:
             return None
 
-    def _containers(self) -> list[Any]:
+    def containers(self) -> list[Any]:
+        """This node's containers (running or not), found by label."""
         import docker
 
         client = docker.from_env()
@@ -185,7 +244,7 @@ class Node:
         import docker.errors
 
         killed = []
-        for c in self._containers():
+        for c in self.containers():
             owner = c.labels.get("atfailover.atsign", "")
             if atsign is not None and owner != atsign:
                 continue
@@ -217,15 +276,33 @@ class Node:
         self.process.kill()
         return time.time()
 
+    def fuse_pid(self) -> tuple[int, float] | None:
+        """(pid, create time) of this node's ceph-fuse (its supervisor's, or the harness's
+        :attr:`mount`), if it runs."""
+        if self.mount is None:
+            return managed_fuse(self.state_dir)
+        proc = self.mount.process
+        if proc is None or not proc.running():
+            return None
+        with contextlib.suppress(psutil.Error):
+            return proc.pid, psutil.Process(proc.pid).create_time()
+        return None
+
     def kill_node(self) -> float:
-        """SIGKILL the supervisor, its fence and every workload of this node (a host crash)."""
+        """SIGKILL the supervisor, its fence, every workload, its ceph-fuse and its Consul
+        agent (a host crash)."""
         fence = self.fence_pid()
         workloads = self.workload_pids()
+        fuse = self.fuse_pid()
         self.process.kill()
         if fence is not None:
             _kill_pid(*fence)
         for pid, ct in workloads.values():
             _kill_pid(pid, ct)
+        if fuse is not None:
+            _kill_pid(*fuse)
+        if self.agent is not None and self.agent.process is not None:
+            self.agent.process.kill()
         if self.docker:
             self._kill_containers()
         deadline = time.monotonic() + 10
@@ -242,6 +319,38 @@ class Node:
         return time.time()
 
     def thaw(self) -> float:
+        self.process.thaw()
+        self.frozen = False
+        return time.time()
+
+    def _whole(self) -> list[tuple[int, float | None]]:
+        parts: list[tuple[int, float | None]] = []
+        fence = self.fence_pid()
+        if fence is not None:
+            parts.append(fence)
+        parts += list(self.workload_pids().values())
+        fuse = self.fuse_pid()
+        if fuse is not None:
+            parts.append(fuse)
+        return parts
+
+    def freeze_node(self) -> float:
+        """SIGSTOP the whole node: supervisor, fence, workloads, its ceph-fuse and its Consul
+        agent (a host that hangs, or is cut off, and may come back)."""
+        self._frozen_whole = self._whole()
+        if self.agent is not None and self.agent.process is not None:
+            self.agent.freeze()
+        self.process.freeze()
+        for pid, ct in self._frozen_whole:
+            _kill_pid(pid, ct, signal.SIGSTOP)
+        self.frozen = True
+        return time.time()
+
+    def thaw_node(self) -> float:
+        for pid, ct in getattr(self, "_frozen_whole", []):
+            _kill_pid(pid, ct, signal.SIGCONT)
+        if self.agent is not None and self.agent.process is not None:
+            self.agent.thaw()
         self.process.thaw()
         self.frozen = False
         return time.time()
@@ -264,7 +373,8 @@ class Node:
         self.reap()
 
     def reap(self) -> None:
-        """Kill this node's fence and workloads if anything survived (by recorded PID)."""
+        """Kill this node's fence, workloads and ceph-fuse if anything survived (by recorded
+        PID), and take its mount away (by path)."""
         fence = self.fence_pid()
         if fence is not None:
             _kill_pid(*fence)
@@ -272,11 +382,23 @@ class Node:
             _kill_pid(pid, ct)
         if self.docker:
             self._kill_containers(remove=True)
+        if self.mount is not None:
+            self.mount.unmount()
+        reap_managed_mount(self.state_dir, self.state_dir / "data")
 
-    def leftover_workloads(self) -> list[str]:
+    def leftover_workloads(self, containers: bool = True) -> list[str]:
+        """This node's workloads still alive (pid files, and containers if ``containers``),
+        its ceph-fuse and its mount."""
         out = [f"workload {a} pid {p}" for a, (p, _) in self.workload_pids().items()]
-        if self.docker:
-            out += [f"container {c.name}" for c in self._containers()]
+        fuse = self.fuse_pid()
+        if fuse is not None:
+            out.append(f"ceph-fuse pid {fuse[0]}")
+        mount = self.state_dir / "data"
+        found = mount_of(mount)
+        if found is not None and found[0] == os.path.realpath(mount):
+            out.append(f"mount {mount}")
+        if self.docker and containers:
+            out += [f"container {c.name}" for c in self.containers()]
         return out
 
 
@@ -302,7 +424,15 @@ class Cluster:
         self.directory: ManagedProcess | None = None
         self.nodes: list[Node] = []
         self.relays: RelayHost | None = None
+        # The engine the Docker runner uses: the running one, or dockerd started (and later
+        # stopped) by this cluster, as the test harness does (no systemd here).
+        self.docker_engine = DockerEngine(self.base / "docker", docker_socket_path())
+        self.ceph = spec.ceph
+        self._own_ceph: Any = None
+        self._containers_left: list[str] | None = None
+        """Containers found just before this cluster stopped the engine it had started."""
         self._node_dcs: dict[str, list[int]] = {}
+        self._agents: dict[str, ConsulAgent] = {}
         self.prefix = f"{spec.prefix}-{os.getpid()}-{int(time.time())}"
 
     # --- set-up ------------------------------------------------------------------------------
@@ -335,33 +465,23 @@ class Cluster:
         return ETCD_ROLES[self.etcd.members.index(member)]
 
     def _make_keys(self) -> None:
-        self.keys_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.spec.atsigns):
-            name = f"chaos{i:02d}"
-            priv_path = self.keys_dir / f"{name}.pem"
-            pub_path = self.keys_dir / f"{name}.pub"
-            if not priv_path.exists():
-                key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-                priv_path.write_bytes(
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    )
-                )
-                priv_path.chmod(0o600)
-                der = key.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-                pub_path.write_text(base64.b64encode(der).decode())
-            self.atsigns.append(AtSignKeys(f"@{name}", priv_path, pub_path))
+        names = [f"@chaos{i:02d}" for i in range(self.spec.atsigns)]
+        self.atsigns.extend(make_atsign_keys(self.keys_dir, names))
 
     def _prepare_docker(self) -> None:
-        """Build the dev image if needed; put each atSign's PKAM key in its data dir."""
+        """Make sure an engine answers (start dockerd if none does), build the dev image if
+        needed, put each atSign's PKAM key in its data dir."""
         import docker
 
         from atserver_runner.devserver import image
 
+        try:
+            self.docker_engine.ensure()
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ClusterError(
+                f"no Docker engine on {self.docker_engine.socket_path}: {first}"
+            ) from exc
         client = docker.from_env()
         try:
             if self.spec.image is None:
@@ -370,11 +490,24 @@ class Cluster:
             raise ClusterError(f"the dev atServer image could not be built: {exc}") from exc
         finally:
             client.close()
-        for a in self.atsigns:
-            d = self.data_root / a.atsign.lstrip("@")
-            d.mkdir(parents=True, exist_ok=True)
-            (d / PKAM_FILE).write_text(a.public_key.read_text())
-            (d / PKAM_FILE).chmod(0o644)
+        if self.spec.storage != "local":  # the nodes' mount points are not mounted yet
+            fs = self.ceph.admin_fs()
+            for a in self.atsigns:
+                where = f"{self.ceph_root}/{atsign_dir(Path('/'), a.atsign).name}"
+                fs.mkdirs(where.encode(), 0o755)
+                fd = fs.open(f"{where}/{PKAM_FILE}".encode(), "w", 0o644)
+                try:
+                    fs.write(fd, a.public_key.read_bytes(), 0)
+                finally:
+                    fs.close(fd)
+            return
+        roots = {self.node_data_root(name) for name, _ in self._node_names()}
+        for root in roots:
+            for a in self.atsigns:
+                d = atsign_dir(root, a.atsign)
+                d.mkdir(parents=True, exist_ok=True)
+                (d / PKAM_FILE).write_text(a.public_key.read_text())
+                (d / PKAM_FILE).chmod(0o644)
 
     def _node_names(self) -> list[tuple[str, str]]:
         out = []
@@ -416,7 +549,7 @@ class Cluster:
         runner: dict[str, Any] = {
             "kind": spec.runner,
             "port_range": [low, low + PORTS_PER_NODE - 1],
-            "data_root": str(self.data_root),
+            "data_root": str(self.node_data_root(name)),
             "state_dir": str(state_dir),
             "tls": {
                 "ca": str(self.ca.cert_path),
@@ -436,11 +569,12 @@ class Cluster:
             "dcs": dcs,
             "timing": {"ttl": self.ttl, "probe_interval": min(1.0, self.ttl / 4)},
             "consul": {
-                "url": self.consul.url,
+                "url": self._agents[name].url if name in self._agents else self.consul.url,
                 "service_name": "atserver",
                 "deregister_critical_after": "1m",
             },
             "runner": runner,
+            "storage": self._storage_config(name),
             "http": {"listen": f"127.0.0.1:{http_port}"},
             "placement": {"rank_delay": 0.3, "prefer_other_cloud": True},
             "inventory": {
@@ -448,6 +582,61 @@ class Cluster:
                 "atsigns": [{"atsign": a.atsign} for a in self.atsigns],
             },
         }
+
+    def node_data_root(self, node: str) -> Path:
+        """Where ``node``'s atServers keep their data (see :attr:`ClusterSpec.data_roots`):
+        with CephFS, the node's own mount point."""
+        if self.spec.storage != "local":
+            return self.base / "nodes" / node / "data"
+        return self.data_root / node if self.spec.data_roots == "per-node" else self.data_root
+
+    def ceph_entity(self, node: str) -> str:
+        """The node's cephx user: unique per cluster (test clusters share one Ceph)."""
+        return f"client.{node}-{self.prefix.rsplit('-', 1)[-1][-6:]}"
+
+    def _storage_config(self, name: str) -> dict[str, Any]:
+        if self.spec.storage == "local":
+            return {"kind": "local"}
+        assert self.ceph is not None
+        storage: dict[str, Any] = self.ceph.supervisor_storage(
+            self.ceph_entity(name).split(".", 1)[1], self.ceph_root
+        )
+        if self.spec.storage == "cephfs-noevict":
+            return {
+                "kind": "shared",
+                "fstype": CEPH_FSTYPES[0],
+                **{k: storage[k] for k in ("probe_interval", "probe_timeout")},
+            }
+        return storage
+
+    def _harness_mount(self, name: str) -> Mount | None:
+        """``cephfs-noevict``: the node's ceph-fuse mount (not mounted yet: Node.start does)."""
+        if self.spec.storage != "cephfs-noevict":
+            return None
+        assert self.ceph is not None
+        entity = self.ceph_entity(name).split(".", 1)[1]
+        return Mount(
+            self.ceph, entity, self.node_data_root(name), self.ceph_root,
+            self.ceph.node_keyring(entity),
+        )  # fmt: skip
+
+    @property
+    def ceph_root(self) -> str:
+        """This cluster's directory in the fs (every node mounts it at its data root)."""
+        return f"/atservers/{self.prefix}"
+
+    def _start_ceph(self, timeout: float) -> None:
+        if self.ceph is None:
+            self._own_ceph = CephCluster(self.base / "ceph")
+            try:
+                self._own_ceph.start(max(timeout, 120.0))
+            except Exception as exc:
+                raise ClusterError(f"Ceph (CephFS) did not start: {exc}") from exc
+            self.ceph = self._own_ceph
+        try:
+            self.ceph.admin_fs().mkdirs(self.ceph_root.encode(), 0o755)
+        except Exception as exc:
+            raise ClusterError(f"cannot create {self.ceph_root} on CephFS: {exc}") from exc
 
     def _make_relays(self) -> None:
         self.relays = RelayHost()
@@ -470,6 +659,16 @@ class Cluster:
         assert self.relays is not None
         self.relays.heal(node)
         return time.time()
+
+    def _make_agents(self, timeout: float) -> None:
+        """One Consul client agent per node, joined to the server (as each host runs one)."""
+        for name, _ in self._node_names():
+            agent = ConsulAgent(self.base / "consul", name=name, join=self.consul)
+            self._agents[name] = agent
+            try:
+                agent.start(timeout)
+            except (TimeoutError, FileNotFoundError) as exc:
+                raise ClusterError(f"node {name}'s Consul agent did not start: {exc}") from exc
 
     def _make_nodes(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -498,6 +697,8 @@ class Cluster:
                     proc,
                     (int(low), int(high)),
                     docker=self.spec.runner == "docker",
+                    agent=self._agents[name],
+                    mount=self._harness_mount(name),
                 )
             )
 
@@ -506,6 +707,8 @@ class Cluster:
         spec = self.spec
         timeout = spec.start_timeout
         self._make_keys()
+        if spec.storage != "local":
+            self._start_ceph(timeout)
         if spec.runner == "docker":
             self._prepare_docker()
         try:
@@ -533,6 +736,7 @@ class Cluster:
         self.directory.start()
         if spec.dcs_relays:
             self._make_relays()
+        self._make_agents(timeout)
         self._make_nodes()
         for node in self.nodes:
             node.start()
@@ -595,14 +799,10 @@ class Cluster:
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Consul's view: atSign -> {node, token, status} of each registered instance."""
-        url = f"{self.consul.url}/v1/health/service/atserver"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            entries = json.loads(resp.read())
         out: dict[str, dict[str, Any]] = {}
-        for e in entries:
+        for e in health_entries(self.consul.url, "atserver", [a.atsign for a in self.atsigns]):
             meta = (e.get("Service") or {}).get("Meta") or {}
-            checks = [c for c in e.get("Checks", []) if c.get("ServiceID")]
-            passing = bool(checks) and all(c["Status"] == "passing" for c in checks)
+            passing = entry_health(e) == "passing"
             atsign = meta.get("atsign", "")
             token = int(meta.get("fencing_token", 0) or 0)
             cur = out.get(atsign)
@@ -640,21 +840,41 @@ class Cluster:
             self.relays.stop()
         if self.etcd is not None:
             self.etcd.stop()
+        for agent in self._agents.values():
+            agent.stop()
         self.consul.stop()
+        if self._own_ceph is not None:
+            self._own_ceph.stop()
+        if self.docker_engine.started_here:
+            # Look for containers while the engine still answers; stopping it stops them.
+            self._containers_left = [
+                f"{n.name}: container {c.name}" for n in self.nodes for c in n.containers()
+            ]
+            self.docker_engine.stop()
 
     def leftovers(self) -> list[str]:
         """Processes of this cluster still alive (should be empty after :meth:`stop`)."""
         out = [f"{n.name}: supervisor" for n in self.nodes if n.running()]
+        engine_stopped = self._containers_left is not None
         for n in self.nodes:
             if n.fence_pid() is not None:
                 out.append(f"{n.name}: fence {n.fence_pid()}")
-            out += [f"{n.name}: {w}" for w in n.leftover_workloads()]
+            out += [f"{n.name}: {w}" for w in n.leftover_workloads(containers=not engine_stopped)]
+        out += self._containers_left or []
         if self.directory is not None and self.directory.running():
             out.append("directory")
         if self.etcd is not None:
             out += [m.name for m in self.etcd.members if m.process and m.process.running()]
         if self.consul.process is not None and self.consul.process.running():
             out.append("consul")
+        out += [
+            f"{name}: consul agent"
+            for name, agent in self._agents.items()
+            if agent.process is not None and agent.process.running()
+        ]
+        engine = self.docker_engine.process
+        if engine is not None and engine.running():
+            out.append("dockerd")
         return out
 
 

@@ -23,18 +23,26 @@ ETCD_KINDS = ("kill-etcd-member", "kill-etcd-leader", "freeze-etcd-member", "fre
 COMMON_KINDS = ("kill-supervisor", "kill-node", "pause-supervisor", "crash-workload")
 RESTART_CONSUL = "restart-consul"
 PARTITION_KIND = "partition-node"
+STORAGE_KINDS = ("kill-osd", "kill-active-mds", "freeze-node")
 
 
-def kinds_for(backend: str, partition: bool = False, opt_in: bool = False) -> tuple[str, ...]:
+def kinds_for(
+    backend: str, partition: bool = False, opt_in: bool = False, storage: str = "cephfs"
+) -> tuple[str, ...]:
     """The fault kinds of a backend's default schedule (``opt_in`` is kept for callers that
     validate names; every kind is in the default schedule now).
 
     ``restart-consul`` restarts the Consul server (persistent: KV, sessions and the index
-    survive; the agent's registrations are re-read from its data dir).
+    survive; the agent's registrations are re-read from its data dir). With CephFS storage:
+    ``kill-osd`` (one of three; the pools keep two copies), ``kill-active-mds`` (the standby
+    takes over) and ``freeze-node`` (SIGSTOP the supervisor, fence, atServers, ceph-fuse and
+    Consul agent of a node; thawed after the hold, by then fenced and evicted).
     """
     kinds: tuple[str, ...] = (*COMMON_KINDS, RESTART_CONSUL)
     if backend == "etcd":
         kinds += ETCD_KINDS
+    if storage == "cephfs":
+        kinds += STORAGE_KINDS
     return kinds + ((PARTITION_KIND,) if partition else ())
 
 
@@ -57,7 +65,9 @@ class PlannedFault:
         return f"{self.kind} target={self.target_name(cluster)} hold={self.hold_ttls:.2f}xttl"
 
     def target_name(self, cluster: Cluster) -> str:
-        if self.kind in ("kill-supervisor", "kill-node", "pause-supervisor", PARTITION_KIND):
+        if self.kind in (
+            "kill-supervisor", "kill-node", "pause-supervisor", "freeze-node", PARTITION_KIND
+        ):  # fmt: skip
             return cluster.nodes[self.target % len(cluster.nodes)].name
         if self.kind == "crash-workload":
             return cluster.atsigns[self.target % len(cluster.atsigns)].atsign
@@ -66,6 +76,10 @@ class PlannedFault:
             return cluster.etcd.members[self.target % 3].name
         if self.kind in ("kill-etcd-leader", "freeze-etcd-leader"):
             return "leader"
+        if self.kind == "kill-osd":
+            return f"osd.{self.target % 3}"
+        if self.kind == "kill-active-mds":
+            return "active mds"
         return "consul"
 
 
@@ -80,6 +94,9 @@ _HOLD = {
     "freeze-etcd-member": (1.0, 2.0),
     "freeze-etcd-leader": (1.0, 2.0),
     PARTITION_KIND: (1.5, 2.5),
+    "kill-osd": (1.0, 3.0),
+    "kill-active-mds": (0.5, 1.5),
+    "freeze-node": (1.5, 2.5),
 }
 
 
@@ -121,6 +138,30 @@ async def inject(cluster: Cluster, fault: PlannedFault) -> FaultRecord:
             await asyncio.to_thread(node.thaw)
         else:
             await asyncio.to_thread(node.start)
+    elif kind == "freeze-node":
+        node = cluster.node(name)
+        atsigns = list(node.workload_pids())
+        await asyncio.to_thread(node.freeze_node)
+        await _sleep_ttls(cluster, fault.hold_ttls)
+        await asyncio.to_thread(node.thaw_node)
+        detail = f"froze workloads {atsigns} with the node's ceph-fuse and agent"
+    elif kind in ("kill-osd", "kill-active-mds"):
+        ceph = cluster.ceph
+        if ceph is None:
+            raise ValueError(f"{kind} needs storage cephfs (the cluster runs without Ceph)")
+        if kind == "kill-osd":
+            osd = fault.target % 3
+            await asyncio.to_thread(ceph.kill_osd, osd)
+            await _sleep_ttls(cluster, fault.hold_ttls)
+            await asyncio.to_thread(ceph.restart_osd, osd)
+        else:
+            mds = await asyncio.to_thread(ceph.kill_active_mds)
+            name = f"mds.{mds}"
+            await _sleep_ttls(cluster, fault.hold_ttls)
+            took = time.monotonic()
+            standby = await asyncio.to_thread(ceph.wait_active_mds, 90.0, other_than=mds)
+            detail = f"mds.{standby} active {time.monotonic() - took:.1f}s after the hold"
+            await asyncio.to_thread(ceph.restart_mds, mds)
     elif kind == PARTITION_KIND:
         await asyncio.to_thread(cluster.partition, name)
         await _sleep_ttls(cluster, fault.hold_ttls)

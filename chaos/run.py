@@ -18,11 +18,13 @@ from typing import Any
 
 from rich.console import Console
 
+from atserver_runner.devserver.protocol import validate_key
 from chaos.atclient import client_ssl_context
 from chaos.checker import FaultRecord, Verdict, check
 from chaos.cluster import Cluster, ClusterError, ClusterSpec
 from chaos.faults import inject, kinds_for, partition_unavailable_reason, schedule
 from chaos.history import NodeLogs, collect_instances
+from chaos.readback import MountReadBack, read_through_other_mounts
 from chaos.report import instances_json, plot_timeline, write_json
 from chaos.workload import WorkloadClient
 
@@ -43,6 +45,15 @@ class RunOptions:
     client_interval: float = 0.25
     partitions: bool = True
     """Route DCS traffic through relays so ``partition-node`` can run."""
+    data_roots: str = "shared"
+    """``shared`` or ``per-node`` (see :attr:`chaos.cluster.ClusterSpec.data_roots`); only
+    for ``storage="local"``."""
+    storage: str = "cephfs"
+    """``cephfs`` (each node its own ceph-fuse mount; storage faults join the schedule) or
+    ``local`` (see :attr:`chaos.cluster.ClusterSpec.storage`)."""
+    ceph: Any = None
+    """A running :class:`testbed.ceph.CephCluster` to use (a test session's); ``None``: the
+    run builds its own when ``storage`` is ``cephfs``."""
 
 
 @dataclass
@@ -96,10 +107,13 @@ async def _campaign(opts: RunOptions) -> RunResult:
         atsigns=opts.atsigns,
         ttl=opts.ttl,
         dcs_relays=opts.partitions,
+        data_roots=opts.data_roots,  # type: ignore[arg-type]
+        storage=opts.storage,  # type: ignore[arg-type]
+        ceph=opts.ceph,
     )
     cluster = Cluster(spec)
     (report_dir / "faults.jsonl").unlink(missing_ok=True)
-    kinds = opts.kinds or kinds_for(opts.backend, partition=opts.partitions)
+    kinds = opts.kinds or kinds_for(opts.backend, partition=opts.partitions, storage=opts.storage)
     skipped: dict[str, str] = {}
     reason = partition_unavailable_reason(cluster)
     if reason:
@@ -111,6 +125,7 @@ async def _campaign(opts: RunOptions) -> RunResult:
     records: list[FaultRecord] = []
     notes: list[str] = []
     client: WorkloadClient | None = None
+    mounts: list[MountReadBack] = []
     # SIGTERM/SIGINT end the schedule early; what ran is still checked and reported.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,6 +177,10 @@ async def _campaign(opts: RunOptions) -> RunResult:
         await asyncio.sleep(1.0)
         await client.stop()
         verified = await client.verify(timeout=bound)
+        if spec.storage != "local":  # and once more from the files, through another mount
+            mounts = await asyncio.to_thread(
+                read_through_other_mounts, cluster, client.acknowledged()
+            )
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -175,13 +194,34 @@ async def _campaign(opts: RunOptions) -> RunResult:
         notes.append(f"left running after stop: {left}")
     logs = [NodeLogs(n.name, n.workload_logs, n.fence_log) for n in cluster.nodes]
     instances = collect_instances(logs, records)
-    verdict = check(instances, records, client.records, verified.lost, verified.unreadable_atsigns)
+    lost = list(verified.lost)
+    seen = {(w["atsign"], validate_key(w["key"])) for w in lost}
+    for m in mounts:
+        if m.error:
+            notes.append(f"{m.atsign}: not read through another node's mount: {m.error}")
+        want = {validate_key(r.key): r for r in client.acknowledged() if r.atsign == m.atsign}
+        lost += [
+            {
+                "atsign": m.atsign,
+                "key": k,
+                "value": want[k].value,
+                "read": f"not in {m.node}'s mount",
+            }
+            for k in m.missing
+            if (m.atsign, k) not in seen
+        ]
+    verdict = check(instances, records, client.records, lost, verified.unreadable_atsigns)
     client.dump(report_dir / "client-ops.jsonl")
     (report_dir / "readback.json").write_text(json.dumps(asdict(verified), indent=1))
     (report_dir / "instances.json").write_text(json.dumps(instances_json(instances), indent=1))
     failed_ops = sum(1 for r in client.records if not r.ok)
+    refusals = stale_data_refusals(cluster.base / "logs")
     report: dict[str, Any] = {
-        "options": {**asdict(opts), "report_dir": str(report_dir)},
+        "options": {
+            **{f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "ceph"},
+            "report_dir": str(report_dir),
+            "ceph": "the caller's" if opts.ceph is not None else None,
+        },
         "ttl": cluster.ttl,
         "kinds": list(kinds),
         "skipped_kinds": skipped,
@@ -190,6 +230,13 @@ async def _campaign(opts: RunOptions) -> RunResult:
         "operations": len(client.records),
         "failed_operations": failed_ops,
         "verified_writes": verified.checked,
+        "verified_through_other_mounts": sum(m.checked for m in mounts if m.complete),
+        "mount_readback": [asdict(m) for m in mounts],
+        "stale_data_refusals": len(refusals),
+        "stale_data_refusals_by_atsign": {
+            a: sum(1 for r in refusals if r["atsign"] == a)
+            for a in sorted({r["atsign"] for r in refusals})
+        },
         "instances": len(instances),
         "notes": notes,
         **verdict.to_json(),
@@ -208,6 +255,20 @@ async def _campaign(opts: RunOptions) -> RunResult:
         f"seed {opts.seed}",
     )
     return RunResult(verdict, report, report_path, timeline)
+
+
+def stale_data_refusals(logs_dir: Path) -> list[dict[str, str]]:
+    """Every data-guard refusal the supervisors logged (``event=stale-data-refused``)."""
+    out: list[dict[str, str]] = []
+    for path in sorted(logs_dir.glob("supervisor-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if "event=stale-data-refused" not in line:
+                continue
+            fields = dict(
+                part.split("=", 1) for part in line.split() if "=" in part and "'" not in part
+            )
+            out.append({"node": fields.get("node", ""), "atsign": fields.get("atsign", "")})
+    return out
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:

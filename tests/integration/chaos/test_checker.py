@@ -149,3 +149,28 @@ def test_overlap_after_an_etcd_leader_thaw_names_the_known_etcd_bug() -> None:
     assert v.check == "overlap" and "etcd#12528" in v.detail
     [plain] = check(instances, [], []).violations
     assert "etcd#12528" not in plain.detail
+
+
+def test_a_frozen_and_fenced_owner_is_a_fenced_overlap_not_a_violation() -> None:
+    """A whole node frozen (VM pause) cannot stop its atServer; the new owner fenced it
+    instead. Excused only if it stopped soon after the thaw and acknowledged nothing after
+    the new owner started."""
+    freeze = FaultRecord("freeze-node", "a1", 10.0, 25.0)
+    old = Instance("@a", "a1", 5, 0.0, 25.2, "stopped event")
+    new = Instance("@a", "b1", 9, 18.0, None)
+    ops = [w("@a", 9.0, token=5), w("@a", 19.0, token=9)]
+    verdict = check([old, new], [freeze], ops)
+    assert verdict.ok, verdict.violations
+    assert [v.check for v in verdict.fenced_overlaps] == ["fenced-overlap"]
+    assert verdict.to_json()["fenced_overlaps"][0]["atsign"] == "@a"
+    # An acknowledgement by the old owner after the new one started: a real overlap.
+    late_ack = [*ops, w("@a", 26.0, token=5)]
+    assert "overlap" in [v.check for v in check([old, new], [freeze], late_ack).violations]
+    # Not frozen (a pause of the supervisor only: its fence must stop the atServer).
+    pause = FaultRecord("pause-supervisor", "a1", 10.0, 25.0)
+    assert [v.check for v in check([old, new], [pause], ops).violations] == ["overlap"]
+    # Still running long after the thaw, or another node frozen: not excused.
+    lingering = Instance("@a", "a1", 5, 0.0, 90.0, "stopped event")
+    assert [v.check for v in check([lingering, new], [freeze], ops).violations] == ["overlap"]
+    other = FaultRecord("freeze-node", "b2", 10.0, 25.0)
+    assert [v.check for v in check([old, new], [other], ops).violations] == ["overlap"]
