@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import aiohttp
 import psutil
 
 from atserver_runner.probe import probe_atserver, probe_ssl_context
+from directory.shards import layout_services
+from testbed.ceph import managed_fuse, reap_managed_mount
 from testbed.tls import TestCA
 
 REPO = Path(__file__).resolve().parents[3]
@@ -35,7 +38,15 @@ ANSIBLE_DIR = REPO / "ansible"
 INVENTORY = ANSIBLE_DIR / "inventories" / "local" / "hosts.yml"
 VAULT_PASSWORD_FILE = ANSIBLE_DIR / "inventories" / "local" / "vault-password.txt"
 VENV_BIN = Path(sys.executable).parent
-PACKAGES = ("leases", "atserver_runner", "supervisor", "directory", "chaos", "testbed")
+# The packages the wheel ships: pyproject.toml's own list (a package missing from a copy
+# here would be missing on every node).
+PACKAGES = tuple(
+    pattern.rstrip("*")
+    for pattern in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    if not pattern.endswith(".*")
+)
 PLAYBOOK_TIMEOUT = 480.0
 RECAP_LINE = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
@@ -150,12 +161,43 @@ def build_wheel(workdir: Path, wheelhouse: Path, version: str) -> Path:
 
 
 def make_tls(root: Path, inv: Inventory) -> TestCA:
-    """The CA, a certificate per directory replica and one for every node's atServers."""
+    """The CA, a certificate per directory replica, one for every node's atServers, and one
+    per swarm node's API."""
     ca = TestCA(root / "tls")
     for host in inv.groups["directory"]:
         ca.issue(host, [inv.addresses[host], "localhost"])
     ca.issue("atserver", [inv.addresses[h] for h in inv.groups["swarm_nodes"]] + ["localhost"])
+    for host in inv.groups["swarm_nodes"]:  # each node API's own certificate
+        ca.issue(f"{host}-api", [inv.addresses[host], "localhost"])
     return ca
+
+
+def ceph_json(root: Path, host: str, *command: str, timeout: float = 60.0) -> Any:
+    """A ``ceph`` CLI command's JSON answer, as client.admin through ``host``'s ceph.conf
+    (a monitor host: the role put the admin keyring next to it)."""
+    conf = root / "hosts" / host / "etc/ceph/ceph.conf"
+    done = subprocess.run(
+        ["ceph", "--conf", str(conf), "--connect-timeout", "20", "--format", "json", *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        what = " ".join(command)
+        raise RuntimeError(f"ceph {what}: exit {done.returncode}: {done.stderr[-500:]}")
+    return json.loads(done.stdout)
+
+
+def data_root_mount(root: Path, host: str) -> str | None:
+    """The file system type mounted at ``host``'s supervisor data root, or None."""
+    target = os.path.realpath(root / "hosts" / host / "var/lib/atfailover/atservers")
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == target:
+                return fields[2]
+    return None
 
 
 @dataclass
@@ -201,12 +243,15 @@ class PlaybookRun:
         return "\n".join([*head, *self.output.splitlines()[-lines:]])
 
 
-def run_playbook(root: Path, playbook: str, *extra: str) -> PlaybookRun:
-    """Run a playbook of ansible/ against the local inventory; bounded in time."""
+def run_playbook(
+    root: Path, playbook: str, *extra: str, inventory: Path = INVENTORY
+) -> PlaybookRun:
+    """Run a playbook of ansible/ against the local inventory (or ``inventory``, e.g. a
+    changed copy of it); bounded in time."""
     argv = [
         str(VENV_BIN / "ansible-playbook"),
         "-i",
-        str(INVENTORY),
+        str(inventory),
         "--vault-password-file",
         str(VAULT_PASSWORD_FILE),
         playbook,
@@ -285,23 +330,23 @@ async def resolve_and_read(
 
 
 async def consul_passing(url: str, token: str, service: str = "atserver") -> dict[str, set[str]]:
-    """Passing instances in Consul: atSign -> {host:port}."""
+    """Passing instances in Consul, in every layout of ``service`` (the legacy service and
+    its shards ``atserver-3f``, see directory/shards.py): atSign -> {host:port}."""
     timeout = aiohttp.ClientTimeout(total=5)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as http,
-        http.get(
-            f"{url}/v1/health/service/{service}",
-            params={"passing": "1"},
-            headers={"X-Consul-Token": token},
-        ) as resp,
-    ):
-        resp.raise_for_status()
-        entries = await resp.json()
+    headers = {"X-Consul-Token": token}
     out: dict[str, set[str]] = {}
-    for entry in entries:
-        svc = entry["Service"]
-        atsign = (svc.get("Meta") or {}).get("atsign", "")
-        out.setdefault(atsign, set()).add(f"{svc['Address']}:{svc['Port']}")
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
+        async with http.get(f"{url}/v1/catalog/services") as resp:
+            resp.raise_for_status()
+            names = layout_services(service, await resp.json())
+        for name in names:
+            async with http.get(f"{url}/v1/health/service/{name}", params={"passing": "1"}) as resp:
+                resp.raise_for_status()
+                entries = await resp.json()
+            for entry in entries:
+                svc = entry["Service"]
+                atsign = (svc.get("Meta") or {}).get("atsign", "")
+                out.setdefault(atsign, set()).add(f"{svc['Address']}:{svc['Port']}")
     return out
 
 
@@ -402,17 +447,21 @@ def stop_everything(root: Path) -> list[str]:
     """Stop every process the rollout started under ``root``, by pid; return what was left.
 
     First each host's services through svcctl.py (the supervisor stops its atServers and its
-    fence on SIGTERM); then anything still recorded in a pid file (fence, atServers) is killed
-    by pid, in its own process group.
+    fence on SIGTERM), the managed ceph-fuse mounts and Ceph in order; then anything still
+    recorded in a pid file (fence, atServers) is killed by pid, in its own process group.
     """
     hosts = sorted((root / "hosts").glob("*")) if (root / "hosts").is_dir() else []
-    for host in hosts:
-        services = host / "var/lib/atfailover/services"
-        # Supervisors first, so that their atServers stop while the DCS is still up.
-        for name in ("atfailover-supervisor", "atdirectory"):
-            spec = services / f"{name}.json"
-            if spec.exists():
+    # Supervisors first, so that their atServers stop while the DCS is still up; then the
+    # Ceph clients (a managed ceph-fuse outlives its supervisor), then Ceph's daemons in
+    # order (MDS, mgr, OSDs, monitors), then everything else.
+    killed: list[str] = []
+    for pattern in ("atfailover-supervisor", "atdirectory", *CEPH_STOP_ORDER):
+        for host in hosts:
+            services = host / "var/lib/atfailover/services"
+            for spec in sorted(services.glob(f"{pattern}.json")):
                 _svcctl(services, "stop", spec)
+        if pattern == "atdirectory":
+            killed += _reap_mounts(hosts)
     for host in hosts:
         services = host / "var/lib/atfailover/services"
         if (services / "svcctl.py").exists():
@@ -430,7 +479,6 @@ def stop_everything(root: Path) -> list[str]:
                 leftovers.append(
                     (int(data["pid"]), data.get("create_time"), f"{host.name} {rec.stem}")
                 )
-    killed: list[str] = []
     for pid, created, what in leftovers:
         proc = _alive(pid, created)
         if proc is None or not _is_under(proc, root):
@@ -443,6 +491,28 @@ def stop_everything(root: Path) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(psutil.Error):
             proc.wait(timeout=10)
+    return killed
+
+
+CEPH_STOP_ORDER = (
+    "atfailover-ceph-mds",
+    "atfailover-ceph-mgr",
+    "atfailover-ceph-osd-*",
+    "atfailover-ceph-mon",
+)
+"""The ceph role's services (pid-file spec names), in the order they are stopped."""
+
+
+def _reap_mounts(hosts: list[Path]) -> list[str]:
+    """Kill each supervisor's managed ceph-fuse by its recorded pid and unmount its data root;
+    return what was still running."""
+    killed = []
+    for host in hosts:
+        state = host / "var/lib/atfailover/supervisor"
+        fuse = managed_fuse(state)
+        if fuse is not None:
+            killed.append(f"{host.name} ceph-fuse pid {fuse[0]}")
+        reap_managed_mount(state, host / "var/lib/atfailover/atservers")
     return killed
 
 
