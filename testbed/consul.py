@@ -31,7 +31,11 @@ class ConsulAgent:
     ``persistent=False`` (default) runs ``-dev``: in-memory state, lost on restart.
     ``persistent=True`` runs a single server with a data dir, so a restart keeps KV, sessions
     and the Raft index (as a real Consul server cluster does); it takes a few seconds longer
-    to elect itself.
+    to elect itself. ``http_max_conns_per_client``: Consul's limit of concurrent HTTP
+    connections per client address (Consul's default 200; here 1,000, as the ansible role
+    sets it: a directory following 256 shards holds 260 long polls); None: Consul's own.
+    ``join=server`` runs a *client* agent joined to that server's LAN pool instead: one per
+    supervisor node, as in production (a node's checks live on its own Consul node).
     """
 
     def __init__(
@@ -41,11 +45,15 @@ class ConsulAgent:
         host: str = "127.0.0.1",
         name: str = "consul",
         persistent: bool = False,
+        http_max_conns_per_client: int | None = 1000,
+        join: ConsulAgent | None = None,
     ) -> None:
         self.base_dir = base_dir
+        self.join = join
         self.host = host
         self.name = name
         self.persistent = persistent
+        self.http_max_conns_per_client = http_max_conns_per_client
         self.http_port = free_port(host)
         self.dns_port = free_port(host)
         self.serf_lan_port = free_port(host)
@@ -64,18 +72,32 @@ class ConsulAgent:
             f"serf_lan = {self.serf_lan_port}, serf_wan = {self.serf_wan_port}, "
             f"server = {self.server_port}, grpc = {self.grpc_port} }}"
         )
-        if self.persistent:
+        if self.join is not None:
+            data_dir = self.base_dir / f"{self.name}-data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            mode = [
+                "-data-dir", str(data_dir),
+                "-retry-join", f"{self.join.host}:{self.join.serf_lan_port}",
+                "-retry-interval", "1s",
+            ]  # fmt: skip
+        elif self.persistent:
             data_dir = self.base_dir / f"{self.name}-data"
             data_dir.mkdir(parents=True, exist_ok=True)
             mode = ["-server", "-bootstrap-expect=1", "-ui", "-data-dir", str(data_dir)]
         else:
             mode = ["-dev"]
+        limits = []
+        if self.http_max_conns_per_client is not None:
+            limits = [
+                "-hcl", f"limits {{ http_max_conns_per_client = {self.http_max_conns_per_client} }}"
+            ]  # fmt: skip
         return [
             consul_binary(), "agent", *mode,
             "-node", self.name,
             "-bind", self.host, "-client", self.host,
             "-hcl", ports,
             "-hcl", 'log_level = "info"',
+            *limits,
         ]  # fmt: skip
 
     def ready(self) -> bool:

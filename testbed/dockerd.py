@@ -7,6 +7,7 @@ There is no systemd on these machines, so when ``/_ping`` fails we start Debian'
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -14,6 +15,13 @@ from pathlib import Path
 from testbed.process import ManagedProcess, wait_until
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
+
+
+def docker_socket_path() -> str:
+    """The engine socket the Docker SDK's ``from_env`` uses: ``DOCKER_HOST`` if it names a
+    unix socket, else the default one."""
+    host = os.environ.get("DOCKER_HOST", "")
+    return host.removeprefix("unix://") if host.startswith("unix://") else DEFAULT_SOCKET
 
 
 def ping(socket_path: str = DEFAULT_SOCKET, timeout: float = 2.0) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from testbed.ceph import CephCluster, CephSpace
 from testbed.consul import ConsulAgent
 from testbed.dockerd import DockerEngine
 from testbed.etcd import EtcdCluster
@@ -159,3 +160,50 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 def server_cert(test_ca: TestCA) -> CertPair:
     """A server certificate for 127.0.0.1 and localhost, signed by ``test_ca``."""
     return test_ca.issue("server")
+
+
+@pytest.fixture(scope="session")
+def _ceph_cluster(servers_dir: Path) -> Iterator[CephCluster]:
+    cluster = CephCluster(servers_dir / "ceph")
+    try:
+        took = cluster.start()
+        rss = cluster.memory_rss()
+        print(
+            f"\nMEASURE ceph bring-up (3 mons, mgr, 3 OSDs, 2 MDS, fs {cluster.fs_name}): "
+            f"{took:.1f}s; RSS {sum(rss.values()) / 2**20:.0f} MiB "
+            f"({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(rss.items()))})"
+        )
+        yield cluster
+        rss = cluster.memory_rss()
+        print(f"\nMEASURE ceph RSS after the session's tests: {sum(rss.values()) / 2**20:.0f} MiB")
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def ceph_cluster(
+    _ceph_cluster: CephCluster, request: pytest.FixtureRequest
+) -> Iterator[CephCluster]:
+    """A real Ceph cluster with CephFS (session-wide, see ``testbed/ceph.py``); killed daemons
+    are restarted and the cluster is healthy again after each test."""
+    yield _ceph_cluster
+    _dump_on_failure(request, "ceph", _ceph_cluster)
+    _ceph_cluster.heal()
+
+
+@pytest.fixture
+def ceph_space(
+    ceph_cluster: CephCluster, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[CephSpace]:
+    """This test's own directory on the fs and per-node mounts: ``ceph_space.mount("a1")``
+    mounts ``/atservers`` as ``client.a1-<token>``; ``ceph_space.dir(m)`` is the directory.
+    Everything it mounted is unmounted (and its sessions evicted) afterwards."""
+    slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:32].strip("-")
+    space = CephSpace(ceph_cluster, f"t-{slug}", tmp_path / "mnt")
+    try:
+        yield space
+    finally:
+        if _failed(request):
+            for node, m in space.mounts.items():
+                print(f"\n===== ceph-fuse {node} ({m.tag}) =====\n{m.log_tail()}\n")
+        space.close()
