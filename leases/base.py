@@ -19,9 +19,12 @@ import enum
 import math
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from leases.records import AtSignRecord, RecordEvent
 
 Clock = Callable[[], float]
 """A monotonic clock in seconds (``time.monotonic`` unless a test drives it)."""
@@ -443,6 +446,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def nodes(self) -> dict[str, dict[str, Any]]:
         """Every live node record (:meth:`Session.publish_node`), keyed by node name."""
+
+    @abc.abstractmethod
+    async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
+        """Every atSign record (``<prefix>/atsigns/``, see :mod:`leases.records`), keyed by
+        atSign, and the problems of stored values that are not valid records (by key name;
+        they count as absent). Raises :class:`DCSUnavailable`."""
+
+    @abc.abstractmethod
+    async def write_atsign_records(
+        self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
+    ) -> None:
+        """Write and delete atSign records, in transactions of at most
+        :data:`leases.records.TXN_OPS` operations (each all-or-nothing; a failure part way
+        leaves the earlier ones written: writing the same set again completes it). Raises
+        :class:`DCSUnavailable` (also when the credential may not write the prefix)."""
+
+    @abc.abstractmethod
+    def watch_atsign_records(self) -> AsyncIterator[RecordEvent]:
+        """AtSign record changes, forever, as :meth:`watch` does for claims: a RESYNC with
+        every valid record first (and after a gap), then PUT/DELETE."""
 
     @abc.abstractmethod
     def watch(self) -> AsyncIterator[ClaimEvent]:

@@ -46,7 +46,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +80,7 @@ from leases.keys import (
     generation_value,
     stamp_value,
 )
+from leases.records import AtSignRecord, RecordEvent, chunks, record_from_stored
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.consul")
@@ -212,7 +213,7 @@ class ConsulBackend(Backend):
         self._cert = (str(cert_cert), str(cert_key)) if cert_cert and cert_key else None
         self._client: Any = None
         self._closed = False
-        self._read_access_checked = False
+        self._read_access_checked: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -319,8 +320,16 @@ class ConsulBackend(Backend):
             info=decode_info(value),
         )
 
-    async def _read_entries(self, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
-        key = self.layout.claims_dir
+    async def _read_entries(
+        self,
+        index: int = 0,
+        wait: float | None = None,
+        prefix: str | None = None,
+        what: str = "read of all claims",
+    ) -> tuple[int, Any]:
+        """Every entry under ``prefix`` (default: the claims), as a blocking query when
+        ``index`` and ``wait`` are given."""
+        key = self.layout.claims_dir if prefix is None else prefix
         timeout = None
         if wait is not None:
             timeout = wait + wait / 16 + self.request_timeout  # Consul adds up to wait/16 jitter
@@ -333,25 +342,24 @@ class ConsulBackend(Backend):
                 wait=_duration(wait) if wait is not None else None,
             )
 
-        idx, entries = await self._call("read of all claims", get, timeout)
-        if not entries and not self._read_access_checked:
-            await self._check_read_access()
+        idx, entries = await self._call(what, get, timeout)
+        if not entries and key not in self._read_access_checked:
+            await self._check_read_access(key)
         return int(idx), entries or []
 
-    async def _check_read_access(self) -> None:
-        """Raise DCSUnavailable if the token may not read the claims.
+    async def _check_read_access(self, key: str) -> None:
+        """Raise DCSUnavailable if the token may not read ``key`` (a prefix).
 
         Consul filters a recursive read by the ACLs: a token without ``key:read``
-        on the prefix reads as *no claims at all*, not as an error. A plain read
+        on the prefix reads as *nothing there*, not as an error. A plain read
         of one key under the prefix is refused with 403 instead, so it tells.
         """
-        key = self.layout.claims_dir
 
         async def get(c: Any) -> Any:
             return await c.kv.get(key)
 
-        await self._call("read of the claims prefix (ACL check)", get)
-        self._read_access_checked = True
+        await self._call(f"read of {key} (ACL check)", get)
+        self._read_access_checked.add(key)
 
     def _snapshot(self, entries: list[Mapping[str, Any]]) -> dict[str, Claim]:
         claims: dict[str, Claim] = {}
@@ -562,26 +570,11 @@ class ConsulBackend(Backend):
         return out
 
     async def watch(self) -> AsyncIterator[ClaimEvent]:
-        index = 0
         previous: dict[str, Claim] = {}
-        resync = True
-        failures = 0
-        while not self._closed:
-            try:
-                idx, entries = await self._read_entries(index, self.watch_wait if index else None)
-            except DCSUnavailable as exc:
-                failures += 1
-                resync = True
-                log.warning("event=watch_interrupted backend=consul error=%r", exc)
-                await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
-                continue
-            failures = 0
+        async for idx, entries, resync in self._blocking_reads(self.layout.claims_dir, "claims"):
             current = self._snapshot(entries)
-            if resync or idx < index:
-                # First read, after an outage, or the index went backwards (the agent
-                # lost its state): we cannot say what happened in between.
+            if resync:
                 yield ClaimEvent(ClaimEventKind.RESYNC, snapshot=dict(current), revision=idx)
-                resync = False
             else:
                 for atsign in sorted(previous.keys() - current.keys()):
                     yield ClaimEvent(ClaimEventKind.DELETE, atsign=atsign, revision=idx)
@@ -591,7 +584,106 @@ class ConsulBackend(Backend):
                             ClaimEventKind.PUT, atsign=atsign, claim=claim, revision=claim.token
                         )
             previous = current
+
+    async def _blocking_reads(
+        self, prefix: str, what: str
+    ) -> AsyncIterator[tuple[int, list[Mapping[str, Any]], bool]]:
+        """(index, every entry under ``prefix``, resync) after each change, forever, by
+        blocking queries; ``resync`` is True for the first read, after an outage, and when
+        the index went backwards (the agent lost its state): what happened in between is
+        unknown then."""
+        index = 0
+        resync = True
+        failures = 0
+        while not self._closed:
+            try:
+                idx, entries = await self._read_entries(
+                    index, self.watch_wait if index else None, prefix, f"read of all {what}"
+                )
+            except DCSUnavailable as exc:
+                failures += 1
+                resync = True
+                log.warning("event=watch_interrupted backend=consul what=%s error=%r", what, exc)
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+                continue
+            failures = 0
+            yield idx, entries, resync or idx < index
+            resync = False
             index = max(idx, 1)
+
+    # --- atSign records ------------------------------------------------------------------
+
+    def _records(
+        self, entries: list[Mapping[str, Any]]
+    ) -> tuple[dict[str, AtSignRecord], dict[str, int], dict[str, str]]:
+        """(records, their ModifyIndex, problems) of the entries under the records prefix."""
+        records: dict[str, AtSignRecord] = {}
+        indexes: dict[str, int] = {}
+        problems: dict[str, str] = {}
+        base = self.layout.atsigns_dir
+        for entry in entries:
+            name = str(entry.get("Key", ""))[len(base) :]
+            if not name:
+                continue
+            record, problem = record_from_stored(name, entry.get("Value"))
+            if record is None:
+                problems[name] = problem
+                continue
+            records[record.atsign] = record
+            indexes[record.atsign] = int(entry.get("ModifyIndex", 0))
+        return records, indexes, problems
+
+    async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
+        _, entries = await self._read_entries(
+            prefix=self.layout.atsigns_dir, what="read of the atSign records"
+        )
+        records, _, problems = self._records(entries)
+        return records, problems
+
+    async def write_atsign_records(
+        self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
+    ) -> None:
+        ops: list[dict[str, Any]] = [
+            {
+                "KV": {
+                    "Verb": "set",
+                    "Key": self.layout.atsign_record_key(r.atsign),
+                    "Value": base64.b64encode(r.encode()).decode(),
+                }
+            }
+            for r in put
+        ] + [{"KV": {"Verb": "delete", "Key": self.layout.atsign_record_key(a)}} for a in delete]
+        for part in chunks(ops):
+            if not part:
+                continue
+            code, body = await self._txn(list(part), f"write of {len(part)} atSign record(s)")
+            if code != 200:
+                raise DCSUnavailable(f"Consul {self.url}: write of atSign records failed: {body}")
+
+    async def watch_atsign_records(self) -> AsyncIterator[RecordEvent]:
+        previous: dict[str, int] = {}
+        seen_problems: set[str] = set()
+        async for idx, entries, resync in self._blocking_reads(
+            self.layout.atsigns_dir, "atSign records"
+        ):
+            records, indexes, problems = self._records(entries)
+            for name in problems.keys() - seen_problems:
+                log.warning("event=atsign_record_invalid key=%s problem=%r", name, problems[name])
+            seen_problems = set(problems)
+            if resync:
+                yield RecordEvent(ClaimEventKind.RESYNC, snapshot=records, revision=idx)
+            else:
+                for atsign in sorted(previous.keys() - indexes.keys()):
+                    yield RecordEvent(ClaimEventKind.DELETE, atsign=atsign, revision=idx)
+                for atsign, modify in sorted(indexes.items()):
+                    if previous.get(atsign) != modify:
+                        yield RecordEvent(
+                            ClaimEventKind.PUT,
+                            atsign=atsign,
+                            record=records[atsign],
+                            revision=modify,
+                        )
+            previous = indexes
 
     async def close(self) -> None:
         self._closed = True

@@ -60,11 +60,13 @@ from leases.keys import (
     generation_value,
     stamp_value,
 )
+from leases.records import AtSignRecord, RecordEvent, chunks, record_from_stored
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.etcd")
 
 T = TypeVar("T")
+E = TypeVar("E")
 Metadata = tuple[tuple[str, str], ...]
 
 # Transport trouble: try the next member. Anything else is an answer.
@@ -508,25 +510,41 @@ class EtcdBackend(Backend):
         return out
 
     async def watch(self) -> AsyncIterator[ClaimEvent]:
+        async def resync() -> tuple[ClaimEvent, int]:
+            snapshot, rev = await self._snapshot()
+            return ClaimEvent(ClaimEventKind.RESYNC, snapshot=snapshot, revision=rev), rev
+
+        async for event in self._watch_dir(self.layout.claims_dir, resync, self._claim_event):
+            yield event
+
+    async def _watch_dir(
+        self,
+        directory: str,
+        resync: Callable[[], Awaitable[tuple[E, int]]],
+        convert: Callable[[Any], E],
+    ) -> AsyncIterator[E]:
+        """Every change under ``directory``: ``resync()`` first and after a gap (compaction),
+        then each watch event through ``convert``; resumes from the last revision across
+        member failures."""
         next_rev: int | None = None
         failures = 0
         while not self._closed:
             if next_rev is None:
                 try:
-                    snapshot, rev = await self._snapshot()
+                    first, rev = await resync()
                 except DCSUnavailable as exc:
                     failures += 1
-                    log.warning("event=watch_resync_failed error=%r", exc)
+                    log.warning("event=watch_resync_failed dir=%s error=%r", directory, exc)
                     await asyncio.sleep(_backoff(failures))
                     continue
-                yield ClaimEvent(ClaimEventKind.RESYNC, snapshot=snapshot, revision=rev)
+                yield first
                 next_rev = rev + 1
-            stream = _WatchStream(self, next_rev)
+            stream = _WatchStream(self, next_rev, directory)
             try:
-                async for event in stream.events():
+                async for raw in stream.events():
                     failures = 0
-                    next_rev = event.revision + 1
-                    yield event
+                    next_rev = int(raw.kv.mod_revision) + 1
+                    yield convert(raw)
             except _Compacted as exc:
                 log.warning("event=watch_compacted revision=%s; resyncing", exc.revision)
                 next_rev = None
@@ -542,6 +560,98 @@ class EtcdBackend(Backend):
                 await asyncio.sleep(_backoff(failures))
             finally:
                 await stream.close()
+
+    def _claim_event(self, event: Any) -> ClaimEvent:
+        kv = event.kv
+        rev = int(kv.mod_revision)
+        atsign = self.layout.atsign_of(kv.key.decode(errors="replace"))
+        if event.type == rpc.Event.DELETE:
+            return ClaimEvent(ClaimEventKind.DELETE, atsign=atsign, revision=rev)
+        return ClaimEvent(
+            ClaimEventKind.PUT, atsign=atsign, claim=self._claim_from_kv(kv), revision=rev
+        )
+
+    # --- atSign records ------------------------------------------------------------------
+
+    async def _record_snapshot(self) -> tuple[dict[str, AtSignRecord], dict[str, str], int]:
+        kvs, revision = await self._range_pages(
+            "read of the atSign records", self.layout.atsigns_dir
+        )
+        records: dict[str, AtSignRecord] = {}
+        problems: dict[str, str] = {}
+        for kv in kvs:
+            name = kv.key.decode(errors="replace")[len(self.layout.atsigns_dir) :]
+            record, problem = record_from_stored(name, kv.value)
+            if record is not None:
+                records[record.atsign] = record
+            else:
+                problems[name] = problem
+        return records, problems, revision
+
+    async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
+        records, problems, _ = await self._record_snapshot()
+        return records, problems
+
+    async def write_atsign_records(
+        self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
+    ) -> None:
+        ops = [
+            rpc.RequestOp(
+                request_put=rpc.PutRequest(
+                    key=self.layout.atsign_record_key(r.atsign).encode(), value=r.encode()
+                )
+            )
+            for r in put
+        ] + [
+            rpc.RequestOp(
+                request_delete_range=rpc.DeleteRangeRequest(
+                    key=self.layout.atsign_record_key(a).encode()
+                )
+            )
+            for a in delete
+        ]
+        for part in chunks(ops):
+            if not part:
+                continue
+            request = rpc.TxnRequest(success=list(part))
+
+            async def txn(m: _Member, t: float, md: Metadata, request: Any = request) -> Any:
+                return await m.kv.Txn(request, timeout=t, metadata=md)
+
+            try:
+                await self._call(f"write of {len(part)} atSign record(s)", txn)
+            except grpc.aio.AioRpcError as exc:
+                raise DCSUnavailable(
+                    f"etcd write of atSign records: {exc.code().name}: {exc.details()}"
+                ) from None
+
+    async def watch_atsign_records(self) -> AsyncIterator[RecordEvent]:
+        async def resync() -> tuple[RecordEvent, int]:
+            records, problems, rev = await self._record_snapshot()
+            for name, problem in problems.items():
+                log.warning("event=atsign_record_invalid key=%s problem=%r", name, problem)
+            return RecordEvent(ClaimEventKind.RESYNC, snapshot=records, revision=rev), rev
+
+        def convert(event: Any) -> RecordEvent:
+            kv = event.kv
+            rev = int(kv.mod_revision)
+            name = kv.key.decode(errors="replace")[len(self.layout.atsigns_dir) :]
+            if event.type == rpc.Event.DELETE:
+                atsign = self.layout.atsign_of(
+                    kv.key.decode(errors="replace"), self.layout.atsigns_dir
+                )
+                return RecordEvent(ClaimEventKind.DELETE, atsign=atsign or name, revision=rev)
+            record, problem = record_from_stored(name, kv.value)
+            return RecordEvent(
+                ClaimEventKind.PUT,
+                atsign=record.atsign if record else name,
+                record=record,
+                problem=problem,
+                revision=rev,
+            )
+
+        async for event in self._watch_dir(self.layout.atsigns_dir, resync, convert):
+            yield event
 
     async def close(self) -> None:
         self._closed = True
@@ -561,9 +671,10 @@ class _Compacted(Exception):
 class _WatchStream:
     """One Watch RPC on one member; reads through a pump task (cancelling a read kills it)."""
 
-    def __init__(self, backend: EtcdBackend, start_revision: int) -> None:
+    def __init__(self, backend: EtcdBackend, start_revision: int, directory: str) -> None:
         self.backend = backend
         self.start_revision = start_revision
+        self.directory = directory
         self.member_index = backend._current
         self.member = backend._open(backend._members[self.member_index])
         self.member_address = self.member.address
@@ -594,12 +705,13 @@ class _WatchStream:
             raise item
         return item
 
-    async def events(self) -> AsyncIterator[ClaimEvent]:
+    async def events(self) -> AsyncIterator[Any]:
+        """The raw watch events under the stream's directory."""
         b = self.backend
         t = b.request_timeout
         # Probe an idle stream this often: a frozen member keeps TCP open but says nothing.
         idle = max(1.0, 3 * t)
-        start = b.layout.claims_dir.encode()
+        start = self.directory.encode()
         try:
             async with asyncio.timeout(t):
                 metadata = await b._metadata(self.member, t)
@@ -621,7 +733,7 @@ class _WatchStream:
         self._check(resp)
         while True:
             for event in resp.events:
-                yield self._convert(event)
+                yield event
             try:
                 resp = await self._next(idle)
             except TimeoutError:
@@ -643,17 +755,6 @@ class _WatchStream:
             raise _Compacted(int(resp.compact_revision))
         if resp.canceled:
             raise DCSUnavailable(f"watch canceled by {self.member_address}: {resp.cancel_reason}")
-
-    def _convert(self, event: Any) -> ClaimEvent:
-        b = self.backend
-        kv = event.kv
-        rev = int(kv.mod_revision)
-        atsign = b.layout.atsign_of(kv.key.decode(errors="replace"))
-        if event.type == rpc.Event.DELETE:
-            return ClaimEvent(ClaimEventKind.DELETE, atsign=atsign, revision=rev)
-        return ClaimEvent(
-            ClaimEventKind.PUT, atsign=atsign, claim=b._claim_from_kv(kv), revision=rev
-        )
 
     async def close(self) -> None:
         if self._call is not None:

@@ -3,6 +3,7 @@
 ``<prefix>/claims/<atsign>``       ClaimInfo JSON, bound to the owner's session
 ``<prefix>/generations/<atsign>``  Generation JSON, no lease: outlives every owner
 ``<prefix>/nodes/<node>``          a node's own record (JSON), bound to its session
+``<prefix>/atsigns/<atsign>``      an atSign record (JSON, :mod:`leases.records`), no lease
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class KeyLayout:
         self.claims_dir = f"{self.prefix}/claims/"
         self.generations_dir = f"{self.prefix}/generations/"
         self.nodes_dir = f"{self.prefix}/nodes/"
+        self.atsigns_dir = f"{self.prefix}/atsigns/"
 
     def claim_key(self, atsign: str) -> str:
         """The key of one atSign's claim (the atSign is validated and normalized)."""
@@ -39,6 +41,9 @@ class KeyLayout:
 
     def generation_key(self, atsign: str) -> str:
         return self.generations_dir + normalize_atsign(atsign)
+
+    def atsign_record_key(self, atsign: str) -> str:
+        return self.atsigns_dir + normalize_atsign(atsign)
 
     def node_key(self, node: str) -> str:
         if not node or "/" in node:
