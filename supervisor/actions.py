@@ -90,6 +90,8 @@ class Actions:
         match a:
             case cycle.Fence():
                 return await self.fence(a.atsign, a.reason, snap)
+            case cycle.HandOff() if a.retire:
+                return await self.retire(a.atsign, a.claim, a.reason)
             case cycle.HandOff():
                 return await self.handoff(a.atsign, a.claim, a.reason)
             case cycle.Release():
@@ -188,6 +190,16 @@ class Actions:
             ctx.handoffs.finish(report, "claim was no longer ours")
         log.info("event=handed-off atsign=%s reason=%r released=%s", atsign, reason, released)
         return f"handed off {atsign} ({reason})"
+
+    async def retire(self, atsign: str, claim: Claim, reason: str) -> str:
+        """The atSign left the inventory: deregister, stop, release; its data stays."""
+        ctx = self.ctx
+        await self.deregister(atsign, ctx.cfg.consul.request_timeout)
+        await self.stop(atsign, ctx.cfg.runner.stop_timeout)
+        released = await self.release(claim)
+        ctx.state.handoffs.discard(atsign)
+        log.info("event=retired atsign=%s reason=%r released=%s", atsign, reason, released)
+        return f"stopped and released {atsign} ({reason}, data kept)"
 
     # --- starting ----------------------------------------------------------------------------
 

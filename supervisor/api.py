@@ -10,6 +10,10 @@ POST /drain    hand off every atSign one by one and claim nothing until /resume
 POST /resume   claim again
 POST /handoff  {"atsign": "@alice"}: hand one atSign off now; a peer node's credential
                must add {"for_node": "a1"}, and only a failback the placement allows passes
+GET  /atsigns  every atSign record (``inventory.source: dcs``), as ``supervisor atsigns export``
+POST /atsigns  {"atsign": "@alice", "prefer_nodes": [...], "prefer_clouds": [...],
+               "disabled": false}: create or replace the record (the registrar's call)
+POST /atsigns/remove  {"atsign": "@alice"}: delete the record (its data stays)
 
 With ``http.auth`` every call but /healthz needs a bearer token whose role may make it
 (:mod:`supervisor.api_auth`); /healthz, /readyz and /metrics are then also served without
@@ -20,17 +24,23 @@ from __future__ import annotations
 
 import json
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from leases.base import normalize_atsign
+from leases.base import LeaseError, normalize_atsign
+from leases.records import AtSignRecord, RecordProblem, make_record
 from supervisor.api_auth import ROLE_KEY, Credentials, Role, auth_middleware, refusal
+from supervisor.deadline import within
+from supervisor.inventory_ops import export_doc, put_record, remove_record
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
     from supervisor.metrics import SupervisorMetrics
+
+T = TypeVar("T")
 
 
 def build_app(
@@ -81,11 +91,74 @@ def build_app(
             )
         return web.json_response(sup.status(reports=int(raw)))
 
+    _add_inventory(app, sup)
     app.router.add_get("/status", status)
     app.router.add_post("/drain", drain)
     app.router.add_post("/resume", resume)
     app.router.add_post("/handoff", handoff)
     return app
+
+
+def _add_inventory(app: web.Application, sup: Supervisor) -> None:
+    """The registrar's calls: the atSign records, through this node's DCS client."""
+    timeout = sup.timing.request_timeout * 4
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"ok": False, "error": message}, status=status)
+
+    async def dcs(work: Callable[[], Awaitable[T]]) -> T | web.Response:
+        if sup.cfg.inventory.source != "dcs":
+            return error(409, "this node's inventory is static (inventory.source: static)")
+        try:
+            return await within(work(), timeout)
+        except (TimeoutError, LeaseError) as exc:
+            return error(503, f"the DCS did not answer: {exc or 'timeout'}")
+
+    async def body_record(request: web.Request) -> AtSignRecord | web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return error(400, f"body: not JSON: {exc}")
+        if not isinstance(body, dict) or "atsign" not in body:
+            return error(400, 'body must be {"atsign": "@name", ...}')
+        try:
+            return make_record(str(body["atsign"]), body, "body")
+        except RecordProblem as exc:
+            return error(400, str(exc))
+
+    async def list_atsigns(_: web.Request) -> web.Response:
+        got = await dcs(sup.backend.atsign_records)
+        if isinstance(got, web.Response):
+            return got
+        records, problems = got
+        return web.json_response({**export_doc(records), "invalid": problems})
+
+    async def put_atsign(request: web.Request) -> web.Response:
+        record = await body_record(request)
+        if isinstance(record, web.Response):
+            return record
+        got = await dcs(lambda: put_record(sup.backend, record))
+        if isinstance(got, web.Response):
+            return got
+        code, message = got
+        if code:
+            return error(400, message)
+        return web.json_response({"ok": True, "message": message})
+
+    async def remove_atsign(request: web.Request) -> web.Response:
+        record = await body_record(request)
+        if isinstance(record, web.Response):
+            return record
+        got = await dcs(lambda: remove_record(sup.backend, record.atsign))
+        if isinstance(got, web.Response):
+            return got
+        if not got:
+            return error(404, f"{record.atsign}: no such record")
+        return web.json_response({"ok": True, "message": f"removed {record.atsign}"})
+
+    app.router.add_get("/atsigns", list_atsigns)
+    app.router.add_post("/atsigns", put_atsign)
+    app.router.add_post("/atsigns/remove", remove_atsign)
 
 
 def build_public_app(sup: Supervisor, metrics: SupervisorMetrics) -> web.Application:

@@ -48,6 +48,10 @@ ALLOWED: Mapping[tuple[str, str], frozenset[Role]] = {
     ("POST", "/resume"): frozenset({Role.OPERATOR}),
     # A peer only for a failback that the placement policy allows (the handler checks).
     ("POST", "/handoff"): frozenset({Role.OPERATOR, Role.PEER}),
+    # The inventory (``inventory.source: dcs``): the registrar's calls.
+    ("GET", "/atsigns"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
+    ("POST", "/atsigns"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
+    ("POST", "/atsigns/remove"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
 }
 """Every other method and path needs the operator credential."""
 

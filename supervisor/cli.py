@@ -433,9 +433,11 @@ async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
         claims = await within(backend.owners(), 10)
         generations = await within(backend.generations(), 10)
         node_records = await within(backend.nodes(), 10)
-        entries = await registrar.health(
-            atsigns={a.atsign for a in cfg.inventory.atsigns} | set(claims)
-        )
+        listed = {a.atsign for a in cfg.inventory.atsigns}
+        if cfg.inventory.source == "dcs":
+            records, _ = await within(backend.atsign_records(), 10)
+            listed = {a for a, r in records.items() if not r.disabled}
+        entries = await registrar.health(atsigns=listed | set(claims))
     finally:
         await backend.close()
         await registrar.close()
@@ -451,7 +453,7 @@ async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
         for atsign, reason in (rec.get("refused") or {}).items():
             refused.setdefault(atsign, {})[name] = str(reason)
     rows = []
-    atsigns = sorted({a.atsign for a in cfg.inventory.atsigns} | set(claims))
+    atsigns = sorted(listed | set(claims))
     for atsign in atsigns:
         c = claims.get(atsign)
         g = generations.get(atsign)
@@ -519,10 +521,56 @@ def status(
             typer.echo(f"{r['atsign']}: refused by {node}: {reason}")
 
 
+@app.command()
+def nodes(
+    config: ConfigOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The live members: every node whose session publishes its record in the DCS."""
+    from supervisor.deadline import within
+    from supervisor.wiring import build_backend
+
+    cfg = load(config)
+
+    async def read() -> dict[str, dict[str, Any]]:
+        backend = build_backend(cfg)
+        try:
+            return await within(backend.nodes(), 10)
+        finally:
+            await backend.close()
+
+    try:
+        records = asyncio.run(read())
+    except Exception as exc:
+        err(f"cannot read the DCS: {exc!r}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(records, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"live nodes ({cfg.dcs.backend} prefix {cfg.dcs.prefix})")
+    for col in ("node", "cloud", "zone", "address", "api", "capacity", "storage", "draining"):
+        table.add_column(col)
+    for name, r in sorted(records.items()):
+        storage = r.get("storage") or {}
+        table.add_row(
+            name,
+            str(r.get("cloud", "-")),
+            str(r.get("zone") or "-"),
+            str(r.get("address", "-")),
+            str(r.get("api") or "-"),
+            str(r.get("capacity", "-")),
+            "ready" if storage.get("ready", True) else f"not ready: {storage.get('reason', '')}",
+            "yes" if r.get("draining") else "no",
+        )
+    Console().print(table)
+
+
 def _register_subcommands() -> None:
+    from supervisor.atsigns_cli import atsigns_app
     from supervisor.data_cli import data_app
 
     app.add_typer(data_app, name="data")
+    app.add_typer(atsigns_app, name="atsigns")
 
 
 _register_subcommands()

@@ -485,11 +485,23 @@ class InventoryAtSign(_Model):
 
 
 class Inventory(_Model):
+    source: Literal["static", "dcs"] = Field(
+        default="static",
+        description="static: the atSigns and nodes listed here; dcs: the atSign records in "
+        "the DCS (supervisor atsigns ...) and the live nodes",
+    )
     nodes: list[InventoryNode] = Field(default_factory=list)
     atsigns: list[InventoryAtSign] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> Inventory:
+        if self.source == "dcs" and (self.atsigns or self.nodes):
+            listed = "atsigns" if self.atsigns else "nodes"
+            raise ValueError(
+                f"source is dcs, so the atSigns are the DCS records and the nodes the live "
+                f"ones: remove inventory.{listed} (import a list once with "
+                f"'supervisor atsigns import FILE')"
+            )
         seen: set[str] = set()
         for entry in self.atsigns:
             if entry.atsign in seen:

@@ -28,8 +28,8 @@ class Control:
         self._held = held
         self._ready = ready
         self._last_sentence = last_sentence
-        self._inventory = inventory or {}
-        self._nodes = {n.name: n for n in nodes}
+        self._inventory = inventory if inventory is not None else {}
+        self._nodes = nodes  # live: the membership feed updates it in place
 
     def held(self) -> list[str]:
         return sorted(self._held) if self.ctx.session is not None else []
@@ -67,7 +67,7 @@ class Control:
         placement policy prefers over this node (what ``failback: auto`` would ask for).
         Raises PermissionError otherwise, LookupError when the atSign is not held here."""
         wish = self._inventory.get(atsign)
-        target = self._nodes.get(for_node)
+        target = next((n for n in self._nodes if n.name == for_node), None)
         if target is None:
             raise PermissionError(f"{for_node} is not a node of this node's inventory")
         if wish is None or not better_placed(target, self.ctx.me, wish):
@@ -86,6 +86,7 @@ class Control:
             "zone": ctx.cfg.node.zone,
             "address": ctx.cfg.node.address,
             "api": ctx.api_url,
+            "capacity": ctx.cfg.placement.capacity,
             "draining": ctx.state.draining,
             "refused": {a: r.reason for a, r in sorted(ctx.state.refused.items())},
             "session": ctx.session.session_id if ctx.session is not None else None,
@@ -146,4 +147,6 @@ class Control:
             },
             "last_cycle": self._last_sentence(),
             "cycles": ctx.state.cycles,
+            "inventory": {"source": ctx.cfg.inventory.source, "atsigns": len(self._inventory)},
+            "members": [{"name": n.name, "cloud": n.cloud} for n in self._nodes],
         }

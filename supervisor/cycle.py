@@ -95,6 +95,8 @@ class Snapshot:
     """``runner.data_root`` passes its readiness probe (else nothing is claimed)."""
     storage_leave: bool = False
     """The storage failed here but works on other nodes: hand off everything."""
+    inventory_synced: bool = True
+    """The inventory is known (``inventory.source: dcs``: the records were listed once)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class HandOff:
     atsign: str
     claim: Claim
     reason: str
+    retire: bool = False
+    """The atSign left the inventory: nobody takes it, so no exclusion and no handoff report
+    (its data stays where it is)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,14 @@ def decide(s: Snapshot) -> Plan:
             wake_at=s.renew_deadline,
         )
 
+    if not s.inventory_synced:
+        return Plan(
+            (),
+            f"inventory not listed yet (atSign records, live nodes): holding "
+            f"{len(s.workloads)} workload(s), "
+            "starting nothing",
+        )
+
     claims = s.claims
     mine = (
         s.held
@@ -295,7 +308,7 @@ def decide(s: Snapshot) -> Plan:
                 else "draining"
             )
             if w is not None:
-                actions.append(HandOff(atsign, c, reason))
+                actions.append(HandOff(atsign, c, reason, retire=atsign not in s.inventory))
             else:
                 actions.append(Release(atsign, c, reason))
             continue
@@ -408,6 +421,8 @@ def describe(
         match a:
             case Fence():
                 parts.append(f"fence {a.atsign} ({a.reason})")
+            case HandOff() if a.retire:
+                parts.append(f"stop and release {a.atsign} ({a.reason})")
             case HandOff():
                 parts.append(f"hand off {a.atsign} ({a.reason})")
             case Release():

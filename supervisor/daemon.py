@@ -39,6 +39,7 @@ from supervisor.control import Control
 from supervisor.deadline import within
 from supervisor.guard import DataGuard
 from supervisor.handoffs import REPORTS_KEPT, STATUS_REPORTS, HandoffTracker
+from supervisor.inventory_feed import InventoryFeed, MembershipFeed
 from supervisor.keeper import SessionKeeper, SessionProxy
 from supervisor.metrics import SupervisorMetrics
 from supervisor.placement import AtSignPolicy, NodeRef
@@ -207,6 +208,26 @@ class Supervisor:
             inventory=self.inventory,
             nodes=self.nodes,
         )
+        self.inventory_feed: InventoryFeed | None = None
+        self.members: MembershipFeed | None = None
+        if cfg.inventory.source == "dcs":
+            self.inventory_feed = InventoryFeed(
+                backend,
+                self.inventory,
+                self._inventory_changed,
+                retry_interval=self.timing.renew_interval,
+                metrics=metrics,
+            )
+            self.members = MembershipFeed(
+                backend.nodes,
+                self.nodes,
+                self.me,
+                lambda _nodes: self.queue.mark(None),
+                interval=self.timing.renew_interval,
+                timeout=self.timing.request_timeout,
+                metrics=metrics,
+            )
+        feed, members = self.inventory_feed, self.members
         self.reconciler = Reconciler(
             self.ctx,
             self.actions,
@@ -216,6 +237,11 @@ class Supervisor:
             settings=self.settings,
             held=self._held,
             node_record=self.control.node_record,
+            inventory_synced=(
+                (lambda: feed.synced and members.listed)
+                if feed is not None and members is not None
+                else (lambda: True)
+            ),
         )
 
     # --- what the API, the CLI and the tests use -----------------------------------------------
@@ -272,6 +298,19 @@ class Supervisor:
         return await fence.fence(
             client_ref, self.cfg.storage.cephfs.entity if self.cfg.storage.cephfs else ""
         )
+
+    def _inventory_changed(self, changed: list[str]) -> None:
+        """AtSign records changed: a new vacant atSign is vacant since now (its rank delay
+        counts from here); a removed one is no vacancy of ours."""
+        now = self.clock()
+        claims = self.ctx.claims.claims
+        vacancies = self.state.vacancies
+        for atsign in changed:
+            if atsign not in self.inventory:
+                vacancies.pop(atsign, None)
+            elif atsign not in claims and atsign not in vacancies:
+                vacancies[atsign] = cycle.Vacancy(since=now)
+        self.queue.mark(changed)
 
     def _storage_changed(self) -> None:
         self.state.node_record_dirty = True
@@ -416,6 +455,9 @@ class Supervisor:
             asyncio.create_task(ctx.storage.run(), name="storage"),
             asyncio.create_task(self._watch_storage_peers(), name="storage peers"),
         ]
+        if self.inventory_feed is not None and self.members is not None:
+            side.append(asyncio.create_task(self.inventory_feed.run(), name="atSign records"))
+            side.append(asyncio.create_task(self.members.run(), name="members"))
         unfenced = False
         resync_at = 0.0
         try:

@@ -39,6 +39,7 @@ class Reconciler:
         settings: cycle.PlacementSettings,
         held: Mapping[str, Claim],
         node_record: Callable[[], dict[str, Any]],
+        inventory_synced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.ctx = ctx
         self.actions = actions
@@ -48,6 +49,7 @@ class Reconciler:
         self.settings = settings
         self.held = held
         self.node_record = node_record
+        self.inventory_synced = inventory_synced
         self.claiming = 0
         """Claims being made by running cycles (they count against capacity)."""
         self.ready = False
@@ -88,6 +90,7 @@ class Reconciler:
             claiming=self.claiming,
             storage_ready=ctx.storage.ready,
             storage_leave=st.storage_leave,
+            inventory_synced=self.inventory_synced(),
         )
 
     async def run_cycle(self, dirty: set[str] | None = None) -> tuple[str, cycle.Plan]:
@@ -143,7 +146,7 @@ class Reconciler:
         if plan.actions or sentence != self._last_idle:
             log.info("event=cycle sentence=%r", sentence)
         self._last_idle = "" if plan.actions else sentence
-        if ctx.claims.synced and ctx.session_usable():
+        if ctx.claims.synced and ctx.session_usable() and self.inventory_synced():
             self.ready = True
         return plan
 

@@ -31,6 +31,7 @@ from leases.base import (
     SessionState,
     Timing,
 )
+from leases.records import AtSignRecord, RecordEvent
 from supervisor.config import SupervisorConfig
 from supervisor.daemon import Supervisor
 from supervisor.registration import Instance
@@ -43,6 +44,8 @@ class FakeDCS:
         self.claims: dict[str, Claim] = {}
         self.generations: dict[str, Generation] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, AtSignRecord] = {}
+        self.records_changed = asyncio.Event()
         self.revision = 100
         self.sessions: dict[str, FakeSession] = {}
         self.changed = asyncio.Event()
@@ -209,6 +212,26 @@ class FakeBackend(Backend):
     async def nodes(self) -> dict[str, dict[str, Any]]:
         self._check()
         return dict(self.dcs.nodes)
+
+    async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
+        self._check()
+        return dict(self.dcs.records), {}
+
+    async def write_atsign_records(
+        self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
+    ) -> None:
+        self._check()
+        for r in put:
+            self.dcs.records[r.atsign] = r
+        for a in delete:
+            self.dcs.records.pop(a, None)
+        self.dcs.records_changed.set()
+
+    async def watch_atsign_records(self) -> AsyncIterator[RecordEvent]:
+        while True:  # a RESYNC per change: the feed must diff it
+            yield RecordEvent(ClaimEventKind.RESYNC, snapshot=dict(self.dcs.records))
+            await self.dcs.records_changed.wait()
+            self.dcs.records_changed.clear()
 
     async def watch(self) -> AsyncIterator[ClaimEvent]:
         yield ClaimEvent(ClaimEventKind.RESYNC, snapshot=dict(self.dcs.claims))

@@ -1,0 +1,71 @@
+"""Writes of single atSign records, shared by ``supervisor atsigns`` and the node API's
+registrar calls (``POST /atsigns``, ``POST /atsigns/remove``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from leases.base import Backend
+from leases.records import AtSignRecord, unknown_nodes
+
+
+async def known_nodes(backend: Backend, static: Iterable[str] = ()) -> set[str]:
+    """Nodes a record may prefer: the live members, the nodes existing records prefer, and
+    a static node list (a config's ``inventory.nodes``)."""
+    records, _ = await backend.atsign_records()
+    known = set(await backend.nodes()) | set(static)
+    for r in records.values():
+        known |= set(r.prefer_nodes)
+    return known
+
+
+async def put_record(
+    backend: Backend, record: AtSignRecord, static_nodes: Iterable[str] = ()
+) -> tuple[int, str]:
+    """Create or replace one record: (0, "added @alice" / "updated" / "unchanged"), or
+    (2, why) for a record naming an unknown node (nothing written). Fields a newer writer
+    added to the stored record are kept."""
+    records, _ = await backend.atsign_records()
+    problems = unknown_nodes([record], await known_nodes(backend, static_nodes))
+    if problems:
+        return 2, f"prefer_nodes: {problems[0]}; nothing was written"
+    old = records.get(record.atsign)
+    if record.same_as(old):
+        return 0, f"unchanged {record.atsign}"
+    if old is not None:
+        record = AtSignRecord(
+            record.atsign,
+            record.prefer_nodes,
+            record.prefer_clouds,
+            record.disabled,
+            {**old.extra, **record.extra},
+        )
+    await backend.write_atsign_records([record])
+    return 0, f"{'updated' if old else 'added'} {record.atsign}"
+
+
+async def remove_record(backend: Backend, atsign: str) -> bool:
+    """Delete one record (also one whose value is not valid); False when there is none."""
+    records, problems = await backend.atsign_records()
+    if atsign not in records and atsign not in problems:
+        return False
+    await backend.write_atsign_records([], [atsign])
+    return True
+
+
+def export_doc(records: Mapping[str, AtSignRecord]) -> dict[str, Any]:
+    """The records in the ``inventory.yaml`` format (``atsigns: [...]``), sorted."""
+    entries = []
+    for a in sorted(records):
+        r = records[a]
+        entry: dict[str, Any] = {"atsign": a}
+        if r.prefer_nodes:
+            entry["prefer_nodes"] = list(r.prefer_nodes)
+        if r.prefer_clouds:
+            entry["prefer_clouds"] = list(r.prefer_clouds)
+        if r.disabled:
+            entry["disabled"] = True
+        entry.update({k: v for k, v in r.extra.items() if k not in entry})
+        entries.append(entry)
+    return {"atsigns": entries}
