@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from leases.base import Backend, Claim, ClaimEvent, ClaimEventKind
 from supervisor.metrics import SupervisorMetrics
 
 log = logging.getLogger("supervisor")
 
+E = TypeVar("E")
 Changes = dict[str, Claim | None]
 """atSign -> its claim *before* the change (None: it had none)."""
 
@@ -65,18 +67,40 @@ class ClaimCache:
                 changed[event.atsign] = old
         return changed
 
+    def _handle(self, event: ClaimEvent) -> None:
+        changed = self.apply(event)
+        if changed or event.kind is ClaimEventKind.RESYNC:
+            self.on_change(changed)
+
     async def run(self) -> None:
         """Follow the watch forever (it resumes by itself; a failure here is retried)."""
-        while True:
-            try:
-                async for event in self.backend.watch():
-                    changed = self.apply(event)
-                    if changed or event.kind is ClaimEventKind.RESYNC:
-                        self.on_change(changed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.metrics is not None:
-                    self.metrics.dcs_errors.labels("watch").inc()
-                log.warning("event=watch-failed error=%r", exc)
-            await asyncio.sleep(self.retry_interval)
+        await follow(
+            self.backend.watch,
+            self._handle,
+            label="watch",
+            retry_interval=self.retry_interval,
+            metrics=self.metrics,
+        )
+
+
+async def follow(
+    watch: Callable[[], AsyncIterator[E]],
+    handle: Callable[[E], None],
+    *,
+    label: str,
+    retry_interval: float,
+    metrics: SupervisorMetrics | None,
+) -> None:
+    """Hand every event of ``watch()`` to ``handle``, forever: an error ends one pass (counted
+    as ``dcs_errors{op=label}`` and logged), and a new pass starts after ``retry_interval``."""
+    while True:
+        try:
+            async for event in watch():
+                handle(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if metrics is not None:
+                metrics.dcs_errors.labels(label).inc()
+            log.warning("event=%s-failed error=%r", label.replace("_", "-"), exc)
+        await asyncio.sleep(retry_interval)

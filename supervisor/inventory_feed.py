@@ -20,6 +20,7 @@ from typing import Any
 
 from leases.base import Backend, ClaimEventKind, LeaseError
 from leases.records import AtSignRecord, RecordEvent
+from supervisor.claim_cache import follow
 from supervisor.metrics import SupervisorMetrics
 from supervisor.placement import AtSignPolicy, NodeRef
 
@@ -87,26 +88,25 @@ class InventoryFeed:
                 changed.append(event.atsign)
         return changed
 
+    def _handle(self, event: RecordEvent) -> None:
+        changed = self.apply(event)
+        if changed:
+            log.info(
+                "event=inventory-changed atsigns=%s total=%d",
+                ",".join(changed[:10]) + ("..." if len(changed) > 10 else ""),
+                len(self.inventory),
+            )
+            self.mark(changed)
+
     async def run(self) -> None:
-        """Follow the watch forever (it resumes by itself; a failure here is retried)."""
-        while True:
-            try:
-                async for event in self.backend.watch_atsign_records():
-                    changed = self.apply(event)
-                    if changed:
-                        log.info(
-                            "event=inventory-changed atsigns=%s total=%d",
-                            ",".join(changed[:10]) + ("..." if len(changed) > 10 else ""),
-                            len(self.inventory),
-                        )
-                        self.mark(changed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.metrics is not None:
-                    self.metrics.dcs_errors.labels("inventory_watch").inc()
-                log.warning("event=inventory-watch-failed error=%r", exc)
-            await asyncio.sleep(self.retry_interval)
+        """Follow the records' watch forever (it resumes by itself; a failure is retried)."""
+        await follow(
+            self.backend.watch_atsign_records,
+            self._handle,
+            label="inventory_watch",
+            retry_interval=self.retry_interval,
+            metrics=self.metrics,
+        )
 
 
 class MembershipFeed:

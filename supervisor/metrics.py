@@ -17,7 +17,15 @@ FAILOVER_BUCKETS = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 120)
 
 # Label values exported at 0 from the start: a counter that first appears at 1 has no
 # increase() in Prometheus, so an alert on the first error or fencing would never fire.
-DCS_ERROR_OPS = ("claim", "open_session", "generation", "watch", "node_record")
+DCS_ERROR_OPS = (
+    "claim",
+    "open_session",
+    "generation",
+    "watch",
+    "node_record",
+    "inventory_watch",
+    "members",
+)
 CONSUL_ERROR_OPS = ("check", "deregister", "node_check", "refresh")
 SELF_FENCING_REASONS = ("claim", "session")
 STORAGE_FENCE_RESULTS = ("fenced", "failed")
