@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.supervisor.cluster import Cluster, cli
+from tests.integration.supervisor.cluster import REPO_ROOT, Cluster, cli
 from tests.integration.supervisor.conftest import MakeCluster
 
 DCS_INVENTORY = {"inventory": {"source": "dcs"}}
@@ -176,3 +177,59 @@ def test_the_registrar_adds_and_removes_atsigns_through_the_node_api_with_its_to
     assert status == 200, answer
     c.wait(lambda: "@reg01" not in c.running(), 30, "@reg01 stopped")
     assert call(a1, "POST", "/atsigns/remove", tokens["registrar"], {"atsign": "@reg01"})[0] == 404
+
+
+STANDIN_COMMAND = [
+    "/usr/bin/python3", "-S", "-I", str(REPO_ROOT / "bench" / "standin_atserver.py"),
+    "--atsign", "{atsign}", "--host", "{host}", "--port", "{port}",
+    "--fencing-token", "{token}", "--cert", "{cert}", "--key", "{key}",
+]  # fmt: skip
+"""A 15 MB stand-in atServer (TLS, prompt, info:brief): 200 dev atServers would need 6.6 GB."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_nodes_and_a_registrar_adding_200_atsigns_at_once_end_with_one_owner_each(
+    make_cluster: MakeCluster,
+) -> None:
+    c = make_cluster(
+        "etcd",
+        nodes=[],
+        atsigns=[],
+        overrides={**DCS_INVENTORY, "runner.command": STANDIN_COMMAND},
+        start=False,
+    )
+    c.add_node("a1", "A", **{"runner.port_range": [31000, 31299]})
+    c.add_node("b1", "B", **{"runner.port_range": [32000, 32299]})
+    c.start()
+    c.wait(lambda: sorted(_members(c, "a1")) == ["a1", "b1"], 60, "a1 sees both members")
+    c.wait(lambda: sorted(_members(c, "b1")) == ["a1", "b1"], 60, "b1 sees both members")
+    new = [f"@many{i:03d}" for i in range(200)]
+    c.atsigns = new
+    nodes = list(c.nodes.values())
+
+    def add(i: int) -> str:
+        answer: dict[str, str] = nodes[i % 2].post("/atsigns", {"atsign": new[i]}, timeout=30)
+        return answer["message"]
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        said = list(pool.map(add, range(len(new))))
+    assert said == [f"added {a}" for a in new]
+    written = time.monotonic() - began
+    most = 0
+
+    def settled() -> bool:
+        nonlocal most
+        run = c.running()
+        most = max([most, *(len(v) for v in run.values())])
+        return c.all_once()
+
+    took = c.wait(settled, 240, "all 200 atSigns served once")
+    per_node = {n: sum(1 for v in c.running().values() if v[0][0] == n) for n in c.nodes}
+    print(
+        f"MEASURE registrar: 200 adds written in {written:.1f}s, all served once "
+        f"{took:.1f}s later; per node {per_node}"
+    )
+    assert most == 1, "an atSign ran on two nodes at once"
+    assert min(per_node.values()) >= 40, per_node  # both nodes took a share
