@@ -189,3 +189,24 @@ async def test_a_removed_or_disabled_record_is_stopped_and_released_and_its_data
     assert await h.cycle() == "nothing to do: holding 0 claim(s)"
     await _records(h, make_record("@bob", {}))
     assert "claimed @bob" in await h.cycle()
+
+
+async def test_a_policy_change_asks_the_owner_for_a_failback_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    from supervisor import cycle
+
+    h = await make_harness(
+        tmp_path,
+        [],
+        inventory={"source": "dcs", "nodes": [], "atsigns": []},
+        placement={"failback": "auto", "rank_delay": 0},
+    )
+    h.dcs.put("@alice", "other", "b1", api="http://127.0.0.1:1")
+    await _records(h, make_record("@alice", {"prefer_clouds": ["B"]}))
+    await h.sync()
+    plan = cycle.decide(h.sup.reconciler.snapshot(None))
+    assert not any(isinstance(a, cycle.RequestFailback) for a in plan.actions), plan
+    await _records(h, make_record("@alice", {"prefer_nodes": ["a1"]}))
+    plan = cycle.decide(h.sup.reconciler.snapshot({"@alice"}))
+    assert [type(a) for a in plan.actions] == [cycle.RequestFailback], plan
