@@ -658,7 +658,11 @@ class ConsulBackend(Backend):
                 continue
             code, body = await self._txn(list(part), f"write of {len(part)} atSign record(s)")
             if code != 200:
-                raise DCSUnavailable(f"Consul {self.url}: write of atSign records failed: {body}")
+                errors = (body or {}).get("Errors") if isinstance(body, dict) else None
+                what = "; ".join(str(e.get("What", e)) for e in errors or []) or str(body)
+                if "permission denied" in what.lower():
+                    what = "permission denied (the token may not write the atSign records)"
+                raise DCSUnavailable(f"Consul {self.url} refused the atSign records: {what}")
 
     async def watch_atsign_records(self) -> AsyncIterator[RecordEvent]:
         previous: dict[str, int] = {}

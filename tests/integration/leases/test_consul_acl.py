@@ -92,3 +92,47 @@ async def test_missing_or_wrong_token_is_a_clear_error(
             await asyncio.wait_for(anext(events), 1.5)
     finally:
         await backend.close()
+
+
+def _acl_put(agent: AclConsulAgent, path: str, body: dict[str, object]) -> dict[str, object]:
+    req = urllib.request.Request(
+        agent.url + path,
+        data=json.dumps(body).encode(),
+        headers={"X-Consul-Token": MASTER},
+        method="PUT",
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        answer: dict[str, object] = json.loads(resp.read())
+        return answer
+
+
+def _token(agent: AclConsulAgent, name: str, rules: str) -> str:
+    _acl_put(agent, "/v1/acl/policy", {"Name": name, "Rules": rules})
+    return str(_acl_put(agent, "/v1/acl/token", {"Policies": [{"Name": name}]})["SecretID"])
+
+
+async def test_records_are_written_with_the_writer_token_and_read_with_the_nodes(
+    acl_agent: AclConsulAgent, key_prefix: str
+) -> None:
+    """docs/supervisor.md, The inventory in the DCS: Access."""
+    from leases.records import make_record
+
+    reader = _token(acl_agent, "nodes", f'key_prefix "{key_prefix}/" {{ policy = "read" }}')
+    writer = _token(
+        acl_agent, "records-writer", f'key_prefix "{key_prefix}/atsigns/" {{ policy = "write" }}'
+    )
+    nodes = ConsulBackend(acl_agent.url, key_prefix, token=reader)
+    registrar = ConsulBackend(acl_agent.url, key_prefix, token=writer)
+    try:
+        await registrar.write_atsign_records([make_record("@alice", {"prefer_clouds": ["A"]})])
+        records, _ = await nodes.atsign_records()
+        assert list(records) == ["@alice"]
+        with pytest.raises(DCSUnavailable, match="permission denied"):
+            await nodes.write_atsign_records([make_record("@bob", {})])
+        with pytest.raises(DCSUnavailable, match="permission denied"):
+            await registrar.owners()  # the writer's token is for the records only
+        await registrar.write_atsign_records([], ["@alice"])
+        assert await nodes.atsign_records() == ({}, {})
+    finally:
+        await nodes.close()
+        await registrar.close()

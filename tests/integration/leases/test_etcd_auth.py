@@ -13,7 +13,7 @@ import pytest
 from aetcd import rpc
 
 from leases import ClaimInfo, DCSUnavailable, Timing
-from leases.etcd import EtcdBackend
+from leases.etcd import EtcdBackend, _prefix_end
 from testbed.etcd import etcd_binary
 from testbed.ports import free_port
 from testbed.process import ManagedProcess
@@ -114,3 +114,61 @@ async def test_missing_or_wrong_credentials_are_a_clear_error(
             await backend.owners()
     finally:
         await backend.close()
+
+
+async def _user_with_range(
+    endpoint: str, name: str, key: str, perm: int, role: str | None = None
+) -> None:
+    """A user whose role grants ``perm`` on the keys under ``key`` (as root)."""
+    role = role or name
+    root = EtcdBackend([endpoint], "x", username="root", password=PASSWORD)
+    try:
+
+        async def grant(m: object, t: float, md: object) -> None:
+            auth = rpc.AuthStub(m.channel)  # type: ignore[attr-defined]
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name=role), timeout=t, metadata=md)
+            await auth.RoleGrantPermission(
+                rpc.AuthRoleGrantPermissionRequest(
+                    name=role,
+                    perm=rpc.Permission(
+                        permType=perm, key=key.encode(), range_end=_prefix_end(key.encode())
+                    ),
+                ),
+                timeout=t,
+                metadata=md,
+            )
+            await auth.UserAdd(
+                rpc.AuthUserAddRequest(name=name, password=PASSWORD), timeout=t, metadata=md
+            )
+            await auth.UserGrantRole(
+                rpc.AuthUserGrantRoleRequest(user=name, role=role), timeout=t, metadata=md
+            )
+
+        await root._call("grant", grant, 10)
+    finally:
+        await root.close()
+
+
+async def test_records_are_written_by_the_writer_role_and_read_by_the_nodes(
+    auth_etcd: str, key_prefix: str
+) -> None:
+    """docs/supervisor.md, The inventory in the DCS: Access (etcd roles)."""
+    from leases.records import make_record
+
+    await _user_with_range(auth_etcd, "nodes", f"{key_prefix}/", rpc.Permission.READ)
+    await _user_with_range(
+        auth_etcd, "records-writer", f"{key_prefix}/atsigns/", rpc.Permission.READWRITE
+    )
+    nodes = EtcdBackend([auth_etcd], key_prefix, username="nodes", password=PASSWORD)
+    writer = EtcdBackend([auth_etcd], key_prefix, username="records-writer", password=PASSWORD)
+    try:
+        await writer.write_atsign_records([make_record("@alice", {})])
+        records, _ = await nodes.atsign_records()
+        assert list(records) == ["@alice"]
+        with pytest.raises(DCSUnavailable, match=r"(?i)permission denied"):
+            await nodes.write_atsign_records([make_record("@bob", {})])
+        with pytest.raises(DCSUnavailable, match=r"(?i)permission denied"):
+            await writer.owners()
+    finally:
+        await nodes.close()
+        await writer.close()
