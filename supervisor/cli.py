@@ -422,7 +422,10 @@ def handoff(
     raise typer.Exit(1)
 
 
-async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
+async def _status_rows(
+    cfg: SupervisorConfig,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(a row per atSign, the live node records)."""
     from supervisor.wiring import build_backend, build_registrar
 
     backend = build_backend(cfg)
@@ -478,7 +481,7 @@ async def _status_rows(cfg: SupervisorConfig) -> list[dict[str, Any]]:
                 "refused": refused.get(atsign, {}),
             }
         )
-    return rows
+    return rows, node_records
 
 
 @app.command()
@@ -493,7 +496,7 @@ def status(
     """
     cfg = load(config)
     try:
-        rows = asyncio.run(_status_rows(cfg))
+        rows, members = asyncio.run(_status_rows(cfg))
     except Exception as exc:
         err(f"cannot read the DCS/Consul: {exc!r}")
         raise typer.Exit(1) from None
@@ -519,6 +522,8 @@ def status(
     for r in rows:
         for node, reason in sorted(r["refused"].items()):
             typer.echo(f"{r['atsign']}: refused by {node}: {reason}")
+    live = ", ".join(f"{n} ({rec.get('cloud', '?')})" for n, rec in sorted(members.items()))
+    typer.echo(f"live nodes: {live or 'none'}")
 
 
 @app.command()

@@ -133,6 +133,9 @@ def test_a_dead_node_leaves_every_rank_and_a_new_node_joins_by_starting(
     c.add_node("c1", "C")
     c.start("c1")
     c.wait(lambda: sorted(_members(c, "a1")) == ["a1", "c1"], 60, "c1 joined a1's members")
+    live = json.loads(_cli_ok("nodes", "--json", "-c", cfg))
+    assert sorted(live) == ["a1", "c1"] and live["c1"]["cloud"] == "C", live
+    assert live["c1"]["capacity"] == 1000 and live["c1"]["api"].startswith("http://127.0.0.1:")
     new = [f"@join{i:02d}" for i in range(10)]
     doc = c.base / "new.yaml"
     doc.write_text("atsigns:\n" + "".join(f"  - atsign: '{a}'\n" for a in new))

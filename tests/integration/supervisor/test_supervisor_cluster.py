@@ -121,6 +121,7 @@ def test_every_atsign_runs_once_registered_and_passing(
         assert rows[atsign]["health"] == "passing"
     table = cli("status", "--config", str(c.nodes["a1"].config_path))
     assert table.returncode == 0 and "@alice" in table.stdout
+    assert "live nodes: a1 (A), a2 (A), b1 (B)" in table.stdout
 
     # A registration the agent lost (restart, operator) is registered again.
     (sid,) = (r.service_id for r in registrations("@alice", c.service))
