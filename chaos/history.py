@@ -86,7 +86,7 @@ def collect_instances(nodes: Sequence[NodeLogs], faults: Iterable[FaultRecord]) 
     for n in nodes:
         fenced: dict[tuple[str, int], list[float]] = {}
         for e in _json_lines(n.fence_log):
-            if e.get("event") == "fenced":
+            if e.get("event") in ("fenced", "already-gone"):  # ended by then either way
                 key = (str(e.get("atsign")), int(_num(e.get("fencing_token"))))
                 fenced.setdefault(key, []).append(_num(e.get("wall")))
         for log in sorted(n.workload_logs.glob("*.log")):

@@ -49,6 +49,10 @@ from supervisor.resume import load_record
 
 log = logging.getLogger(__name__)
 
+FENCE_EVENTS: dict[bool | None, str] = {True: "fenced", False: "already-gone", None: "fence-failed"}
+"""The fence log's event per stop result: stopped it; found it exited since the list (it
+ended before this entry's time); could not stop it."""
+
 
 @dataclass(frozen=True)
 class Heartbeat:
@@ -168,12 +172,14 @@ class Fence:
             return 0
         deadline = hb.deadline if hb is not None else None
 
-        async def stop(atsign: str) -> bool:
+        async def stop(atsign: str) -> bool | None:
+            """True: stopped; False: it was gone already (it exited since the list, e.g.
+            its storage was fenced by the new owner); None: the stop failed."""
             try:
                 return await self.runner.stop(atsign, timeout=self.kill_grace)
             except Exception as exc:
                 log.error("fence: could not stop %s: %r", atsign, exc)
-                return False
+                return None
 
         started = self.clock()
         results = await asyncio.gather(*(stop(w.atsign) for w in workloads))
@@ -181,7 +187,7 @@ class Fence:
         for w, ok in zip(workloads, results, strict=True):
             self._record(
                 {
-                    "event": "fenced" if ok else "fence-failed",
+                    "event": FENCE_EVENTS[ok],
                     "node": w.node,
                     "atsign": w.atsign,
                     "fencing_token": w.fencing_token,
@@ -192,8 +198,10 @@ class Fence:
                     "stop_seconds": round(done - started, 3),
                 }
             )
-            log.warning("fence: stopped %s (token %s): %s", w.atsign, w.fencing_token, why)
-        return sum(results)
+            log.warning(
+                "fence: %s %s (token %s): %s", FENCE_EVENTS[ok], w.atsign, w.fencing_token, why
+            )
+        return sum(1 for ok in results if ok)
 
     def supervisor_alive(self) -> bool:
         return _process_alive(self.supervisor_pid, self._sup_create)

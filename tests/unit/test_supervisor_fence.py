@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from atserver_runner.base import WorkloadSpec, WorkloadState
+from atserver_runner.base import Workload, WorkloadSpec, WorkloadState
 from atserver_runner.process import ProcessRunner
 from supervisor.fence import Fence, Heartbeat, read_heartbeat, write_heartbeat
 
@@ -236,3 +236,45 @@ async def test_a_leftover_record_delays_the_release_but_never_keeps_the_fence(
         if sup.returncode is None:
             sup.kill()
             await sup.wait()
+
+
+async def test_a_workload_that_exits_between_the_list_and_the_stop_is_logged_already_gone(
+    runner: ProcessRunner, tmp_path: Path
+) -> None:
+    """With Consul session checks a new owner may fence the node's storage while the fence
+    runs, and an atServer exits on its fenced mount: that is no failed stop."""
+    import json
+    import signal
+
+    import psutil
+
+    await start_sleeper(runner, tmp_path, "@alice", 7)
+    await start_sleeper(runner, tmp_path, "@bob", 8)
+    hb = tmp_path / "heartbeat.json"
+    write_heartbeat(hb, Heartbeat(pid=os.getpid(), deadline=time.monotonic() - 1, written=0))
+    fence = make_fence(runner, tmp_path)
+    listed = runner.list
+
+    async def list_then_bob_exits() -> list[Workload]:
+        found = await listed()
+        bob = json.loads(runner.pid_file("@bob").read_text())["pid"]
+        os.killpg(bob, signal.SIGKILL)
+        for _ in range(100):  # until it is reaped or a zombie: gone either way
+            try:
+                if psutil.Process(bob).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            await asyncio.sleep(0.02)
+        return found
+
+    runner.list = list_then_bob_exits  # type: ignore[method-assign]
+    try:
+        assert await fence.check_once() == 1
+    finally:
+        runner.list = listed  # type: ignore[method-assign]
+    events = {
+        e["atsign"]: e["event"]
+        for e in map(json.loads, (tmp_path / "fence.log").read_text().splitlines())
+    }
+    assert events == {"@alice": "fenced", "@bob": "already-gone"}
