@@ -454,6 +454,11 @@ class Backend(abc.ABC):
         they count as absent). Raises :class:`DCSUnavailable`."""
 
     @abc.abstractmethod
+    async def atsign_record(self, atsign: str) -> AtSignRecord | None:
+        """One atSign's record (``None``: none, or a stored value that is not a valid
+        record). Raises :class:`DCSUnavailable`."""
+
+    @abc.abstractmethod
     async def write_atsign_records(
         self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
     ) -> None:

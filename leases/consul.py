@@ -80,7 +80,13 @@ from leases.keys import (
     generation_value,
     stamp_value,
 )
-from leases.records import AtSignRecord, RecordEvent, chunks, record_from_stored
+from leases.records import (
+    RECORDS_TIMEOUT,
+    AtSignRecord,
+    RecordEvent,
+    chunks,
+    record_from_stored,
+)
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.consul")
@@ -281,7 +287,9 @@ class ConsulBackend(Backend):
         except (aiohttp.ClientError, OSError, consul.ConsulException) as exc:
             raise DCSUnavailable(f"Consul {self.url}: {what} failed: {exc}") from None
 
-    async def _txn(self, payload: list[dict[str, Any]], what: str) -> tuple[int, Any]:
+    async def _txn(
+        self, payload: list[dict[str, Any]], what: str, timeout: float | None = None
+    ) -> tuple[int, Any]:
         """``PUT /v1/txn`` with the token (py-consul's ``txn.put`` sends none)."""
 
         async def put(c: Any) -> tuple[int, Any]:
@@ -296,7 +304,7 @@ class ConsulBackend(Backend):
                 parse, "/v1/txn", headers=c.prepare_headers(), data=json.dumps(payload)
             )
 
-        code, body = await self._call(what, put)
+        code, body = await self._call(what, put, timeout)
         if code == 403:
             raise DCSUnavailable(
                 f"Consul {self.url} refused {what}: permission denied (check the ACL token)"
@@ -326,11 +334,11 @@ class ConsulBackend(Backend):
         wait: float | None = None,
         prefix: str | None = None,
         what: str = "read of all claims",
+        timeout: float | None = None,
     ) -> tuple[int, Any]:
         """Every entry under ``prefix`` (default: the claims), as a blocking query when
         ``index`` and ``wait`` are given."""
         key = self.layout.claims_dir if prefix is None else prefix
-        timeout = None
         if wait is not None:
             timeout = wait + wait / 16 + self.request_timeout  # Consul adds up to wait/16 jitter
 
@@ -635,10 +643,23 @@ class ConsulBackend(Backend):
 
     async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
         _, entries = await self._read_entries(
-            prefix=self.layout.atsigns_dir, what="read of the atSign records"
+            prefix=self.layout.atsigns_dir,
+            what="read of the atSign records",
+            timeout=max(self.request_timeout, RECORDS_TIMEOUT),
         )
         records, _, problems = self._records(entries)
         return records, problems
+
+    async def atsign_record(self, atsign: str) -> AtSignRecord | None:
+        key = self.layout.atsign_record_key(atsign)
+
+        async def get(c: Any) -> Any:
+            return await c.kv.get(key)
+
+        _, entry = await self._call(
+            f"read of {atsign}'s record", get, max(self.request_timeout, RECORDS_TIMEOUT)
+        )
+        return record_from_stored(atsign, entry.get("Value"))[0] if entry else None
 
     async def write_atsign_records(
         self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
@@ -656,7 +677,11 @@ class ConsulBackend(Backend):
         for part in chunks(ops):
             if not part:
                 continue
-            code, body = await self._txn(list(part), f"write of {len(part)} atSign record(s)")
+            code, body = await self._txn(
+                list(part),
+                f"write of {len(part)} atSign record(s)",
+                max(self.request_timeout, RECORDS_TIMEOUT),
+            )
             if code != 200:
                 errors = (body or {}).get("Errors") if isinstance(body, dict) else None
                 what = "; ".join(str(e.get("What", e)) for e in errors or []) or str(body)

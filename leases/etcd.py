@@ -60,7 +60,13 @@ from leases.keys import (
     generation_value,
     stamp_value,
 )
-from leases.records import AtSignRecord, RecordEvent, chunks, record_from_stored
+from leases.records import (
+    RECORDS_TIMEOUT,
+    AtSignRecord,
+    RecordEvent,
+    chunks,
+    record_from_stored,
+)
 from leases.renewal import RenewingSession
 
 log = logging.getLogger("leases.etcd")
@@ -398,7 +404,9 @@ class EtcdBackend(Backend):
         resp = await self._call(f"read of {atsign}", get)
         return self._claim_from_kv(resp.kvs[0]) if resp.kvs else None
 
-    async def _range_pages(self, what: str, prefix: str) -> tuple[list[Any], int]:
+    async def _range_pages(
+        self, what: str, prefix: str, timeout: float | None = None
+    ) -> tuple[list[Any], int]:
         """Every key under ``prefix`` at one revision, read in pages of RANGE_PAGE keys
         (one answer for 100,000 claims would exceed gRPC's 4 MB message limit)."""
         start = prefix.encode()
@@ -417,7 +425,7 @@ class EtcdBackend(Backend):
                     metadata=md,
                 )
 
-            resp = await self._call(what, get)
+            resp = await self._call(what, get, timeout)
             if revision == 0:
                 revision = int(resp.header.revision)
             kvs.extend(resp.kvs)
@@ -575,7 +583,7 @@ class EtcdBackend(Backend):
 
     async def _record_snapshot(self) -> tuple[dict[str, AtSignRecord], dict[str, str], int]:
         kvs, revision = await self._range_pages(
-            "read of the atSign records", self.layout.atsigns_dir
+            "read of the atSign records", self.layout.atsigns_dir, self._records_timeout
         )
         records: dict[str, AtSignRecord] = {}
         problems: dict[str, str] = {}
@@ -588,9 +596,24 @@ class EtcdBackend(Backend):
                 problems[name] = problem
         return records, problems, revision
 
+    @property
+    def _records_timeout(self) -> float:
+        return max(self.request_timeout, RECORDS_TIMEOUT)
+
     async def atsign_records(self) -> tuple[dict[str, AtSignRecord], dict[str, str]]:
         records, problems, _ = await self._record_snapshot()
         return records, problems
+
+    async def atsign_record(self, atsign: str) -> AtSignRecord | None:
+        key = self.layout.atsign_record_key(atsign).encode()
+
+        async def get(m: _Member, t: float, md: Metadata) -> Any:
+            return await m.kv.Range(rpc.RangeRequest(key=key), timeout=t, metadata=md)
+
+        resp = await self._call(f"read of {atsign}'s record", get, self._records_timeout)
+        if not resp.kvs:
+            return None
+        return record_from_stored(atsign, resp.kvs[0].value)[0]
 
     async def write_atsign_records(
         self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
@@ -619,7 +642,9 @@ class EtcdBackend(Backend):
                 return await m.kv.Txn(request, timeout=t, metadata=md)
 
             try:
-                await self._call(f"write of {len(part)} atSign record(s)", txn)
+                await self._call(
+                    f"write of {len(part)} atSign record(s)", txn, self._records_timeout
+                )
             except grpc.aio.AioRpcError as exc:
                 raise DCSUnavailable(
                     f"etcd write of atSign records: {exc.code().name}: {exc.details()}"

@@ -22,6 +22,12 @@ TXN_OPS = 64
 etcd 128 by default): a larger write goes in several transactions, each all-or-nothing."""
 
 
+RECORDS_TIMEOUT = 5.0
+"""Seconds a record read or write may take: records are not on the failover path, and a
+busy node's DCS client (its request timeout sized for renewals, 0.4 s at ttl 4) must not
+fail a registrar's write under load."""
+
+
 class RecordProblem(ValueError):
     """A record (or a field of one) that is not valid; the message names it."""
 
@@ -104,10 +110,8 @@ def decode_record(atsign: str, raw: bytes | str | None) -> AtSignRecord:
 
 def unknown_nodes(records: Iterable[AtSignRecord], known: Iterable[str]) -> list[str]:
     """``"@alice: prefer_nodes: unknown node(s) ['z9']"`` for each record naming a node not
-    in ``known`` (empty ``known``: nothing is checked)."""
+    in ``known``."""
     names = set(known)
-    if not names:
-        return []
     out = []
     for r in records:
         missing = [n for n in r.prefer_nodes if n not in names]

@@ -23,6 +23,7 @@ credentials on ``http.public_listen`` (plain HTTP, loopback by default).
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -31,7 +32,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from leases.base import LeaseError, normalize_atsign
-from leases.records import AtSignRecord, RecordProblem, make_record
+from leases.records import RECORDS_TIMEOUT, AtSignRecord, RecordProblem, make_record
 from supervisor.api_auth import ROLE_KEY, Credentials, Role, auth_middleware, refusal
 from supervisor.deadline import within
 from supervisor.inventory_ops import export_doc, put_record, remove_record
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from supervisor.metrics import SupervisorMetrics
 
 T = TypeVar("T")
+log = logging.getLogger("supervisor.api")
 
 
 def build_app(
@@ -101,7 +103,7 @@ def build_app(
 
 def _add_inventory(app: web.Application, sup: Supervisor) -> None:
     """The registrar's calls: the atSign records, through this node's DCS client."""
-    timeout = sup.timing.request_timeout * 4
+    timeout = 3 * RECORDS_TIMEOUT  # a node read, a record read, a write
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response({"ok": False, "error": message}, status=status)
@@ -112,7 +114,9 @@ def _add_inventory(app: web.Application, sup: Supervisor) -> None:
         try:
             return await within(work(), timeout)
         except (TimeoutError, LeaseError) as exc:
-            return error(503, f"the DCS did not answer: {exc or 'timeout'}")
+            why = str(exc) or f"no answer within {timeout:g}s"
+            log.warning("event=api-dcs-failed error=%r", why)
+            return error(503, f"the DCS did not answer: {why}")
 
     async def body_record(request: web.Request) -> AtSignRecord | web.Response:
         try:

@@ -65,10 +65,6 @@ def _with_backend(cfg: SupervisorConfig, work: Callable[[Backend], Awaitable[T]]
         raise typer.Exit(1) from None
 
 
-async def _known_nodes(backend: Backend, cfg: SupervisorConfig) -> set[str]:
-    return await known_nodes(backend, {n.name for n in cfg.inventory.nodes})
-
-
 def _print_changes(changes: RecordChanges, dry_run: bool) -> None:
     verb = "would" if dry_run else "did"
     for r in changes.added:
@@ -245,7 +241,8 @@ def import_(
 
     async def work(backend: Backend) -> tuple[RecordChanges, list[str]]:
         current, _ = await backend.atsign_records()
-        known = await _known_nodes(backend, cfg) | file_nodes
+        static = {n.name for n in cfg.inventory.nodes} | file_nodes
+        known = await known_nodes(backend, static, current)
         bad = unknown_nodes(records, known)
         changes = diff_records(current, records, remove_missing=prune)
         if bad or dry_run or changes.empty:

@@ -10,12 +10,13 @@ from leases.base import Backend
 from leases.records import AtSignRecord, unknown_nodes
 
 
-async def known_nodes(backend: Backend, static: Iterable[str] = ()) -> set[str]:
-    """Nodes a record may prefer: the live members, the nodes existing records prefer, and
-    a static node list (a config's ``inventory.nodes``)."""
-    records, _ = await backend.atsign_records()
+async def known_nodes(
+    backend: Backend, static: Iterable[str] = (), records: Mapping[str, AtSignRecord] | None = None
+) -> set[str]:
+    """Nodes a record may prefer: the live members, a static node list (a config's or a
+    file's ``nodes``), and the nodes that ``records`` (already read) prefer."""
     known = set(await backend.nodes()) | set(static)
-    for r in records.values():
+    for r in (records or {}).values():
         known |= set(r.prefer_nodes)
     return known
 
@@ -24,13 +25,14 @@ async def put_record(
     backend: Backend, record: AtSignRecord, static_nodes: Iterable[str] = ()
 ) -> tuple[int, str]:
     """Create or replace one record: (0, "added @alice" / "updated" / "unchanged"), or
-    (2, why) for a record naming an unknown node (nothing written). Fields a newer writer
-    added to the stored record are kept."""
-    records, _ = await backend.atsign_records()
-    problems = unknown_nodes([record], await known_nodes(backend, static_nodes))
-    if problems:
-        return 2, f"prefer_nodes: {problems[0]}; nothing was written"
-    old = records.get(record.atsign)
+    (2, why) for a record naming a node that is neither live nor listed (nothing written).
+    Fields a newer writer added to the stored record are kept. Reads one key and the node
+    records, not every atSign record."""
+    if record.prefer_nodes:
+        problems = unknown_nodes([record], await known_nodes(backend, static_nodes))
+        if problems:
+            return 2, f"prefer_nodes: {problems[0]}; nothing was written"
+    old = await backend.atsign_record(record.atsign)
     if record.same_as(old):
         return 0, f"unchanged {record.atsign}"
     if old is not None:
@@ -47,9 +49,10 @@ async def put_record(
 
 async def remove_record(backend: Backend, atsign: str) -> bool:
     """Delete one record (also one whose value is not valid); False when there is none."""
-    records, problems = await backend.atsign_records()
-    if atsign not in records and atsign not in problems:
-        return False
+    if await backend.atsign_record(atsign) is None:
+        records, problems = await backend.atsign_records()
+        if atsign not in records and atsign not in problems:
+            return False
     await backend.write_atsign_records([], [atsign])
     return True
 

@@ -217,6 +217,10 @@ class FakeBackend(Backend):
         self._check()
         return dict(self.dcs.records), {}
 
+    async def atsign_record(self, atsign: str) -> AtSignRecord | None:
+        self._check()
+        return self.dcs.records.get(atsign)
+
     async def write_atsign_records(
         self, put: Sequence[AtSignRecord], delete: Sequence[str] = ()
     ) -> None:

@@ -69,7 +69,8 @@ def test_diff_says_what_a_write_would_change() -> None:
 def test_unknown_nodes_are_named() -> None:
     recs = [make_record("@a", {"prefer_nodes": ["a1", "z9"]})]
     assert unknown_nodes(recs, {"a1", "b1"}) == ["@a: prefer_nodes: unknown node(s) ['z9']"]
-    assert unknown_nodes(recs, set()) == []  # nothing known: nothing to check against
+    assert unknown_nodes(recs, set()) == ["@a: prefer_nodes: unknown node(s) ['a1', 'z9']"]
+    assert unknown_nodes([make_record("@b", {})], set()) == []
 
 
 def test_an_inventory_file_with_bad_entries_names_each(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ async def test_records_are_written_read_and_watched(dcs: DCS) -> None:
     assert problems == {}
     assert sorted(records) == [r.atsign for r in many]
     assert records["@r007"].prefer_clouds == ("A",)
+    assert await backend.atsign_record("@r007") == records["@r007"]
+    assert await backend.atsign_record("@nobody") is None
     seen: set[str] = set()
     while len(seen) < 150:
         e = await _next(events)
@@ -90,6 +92,7 @@ async def test_a_stored_value_that_is_not_a_record_is_reported_not_used(dcs: DCS
     records, problems = await backend.atsign_records()
     assert list(records) == ["@fine"]
     assert "not JSON" in problems["@broken"]
+    assert await backend.atsign_record("@broken") is None  # counts as absent
     events = backend.watch_atsign_records()
     first = await _next(events)
     assert first.snapshot is not None and list(first.snapshot) == ["@fine"]

@@ -323,6 +323,7 @@ class Cluster:
             "nodes": [{"name": n.name, "cloud": n.cloud} for n in self.nodes.values()],
             "atsigns": [{"atsign": a, **opts.get(a, {})} for a in self.atsigns],
         }
+        self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "inventory.yaml").write_text(yaml.safe_dump(inv))
 
     def start(self, *names: str) -> None:

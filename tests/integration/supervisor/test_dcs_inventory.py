@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -212,7 +213,10 @@ def test_two_nodes_and_a_registrar_adding_200_atsigns_at_once_end_with_one_owner
     nodes = list(c.nodes.values())
 
     def add(i: int) -> str:
-        answer: dict[str, str] = nodes[i % 2].post("/atsigns", {"atsign": new[i]}, timeout=30)
+        try:
+            answer: dict[str, str] = nodes[i % 2].post("/atsigns", {"atsign": new[i]}, timeout=30)
+        except urllib.error.HTTPError as exc:
+            return f"{new[i]}: HTTP {exc.code}: {exc.read().decode(errors='replace')}"
         return answer["message"]
 
     began = time.monotonic()
