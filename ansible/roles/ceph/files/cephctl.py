@@ -314,6 +314,18 @@ def setup(c: Cluster, spec: dict[str, Any]) -> dict[str, Any]:
             c.mon("mon set_location", name=mon["name"], args=[f"datacenter={want}"])
             done.append(f"mon {mon['name']} in datacenter {want}")
 
+    def mons_located() -> str | None:
+        # set_location returns before every mon applied the new monmap, and
+        # enable_stretch_mode then failed with "Could not find location entry for
+        # datacenter on monitor aws-1" (seen once in the local rollout test).
+        for mon in _mons(c)["mons"]:
+            want = spec["mon_locations"].get(mon["name"])
+            if want is not None and _location_of(mon) != f"datacenter={want}":
+                return f"mon {mon['name']} is at {_location_of(mon) or 'no location'} yet"
+        return None
+
+    wait_for(mons_located, float(spec.get("timeout", 180)), "the monitors' locations")
+
     tiebreaker = spec["tiebreaker"]
     # The witness may be far away: it votes, but never leads (as in Ceph's own stretch tests).
     leads = tiebreaker not in str(_mons(c).get("disallowed_leaders", ""))
@@ -348,10 +360,19 @@ def setup(c: Cluster, spec: dict[str, Any]) -> dict[str, Any]:
         c.mon("fs new", fs_name=fs_name, metadata=meta, data=data)
         done.append(f"file system {fs_name}")
     if spec.get("stretch", True) and not _stretch_enabled(c):
-        c.mon(
-            "mon enable_stretch_mode", tiebreaker_mon=tiebreaker,
-            new_crush_rule=rule, dividing_bucket="datacenter",
-        )  # fmt: skip
+
+        def stretch_enabled() -> str | None:
+            # A mon that has not applied the located monmap yet answers EINVAL ("Could not
+            # find location entry"): asked again, a later one has.
+            if _stretch_enabled(c):
+                return None
+            c.mon(
+                "mon enable_stretch_mode", tiebreaker_mon=tiebreaker,
+                new_crush_rule=rule, dividing_bucket="datacenter",
+            )  # fmt: skip
+            return None
+
+        wait_for(stretch_enabled, float(spec.get("timeout", 180)), "stretch mode")
         done.append(f"stretch mode (tiebreaker mon.{tiebreaker})")
 
     def fs_active() -> str | None:
