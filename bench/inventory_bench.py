@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,13 +38,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from node_scale_bench import (
-    DEBIAN_PYTHON,
     REPO,
     RESULTS,
     Bench,
     bulk_claims,
     passing,
     pct,
+    prepare,
     ready,
     wait,
 )
@@ -181,15 +180,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--replot", action="store_true")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "inventory.json", args.out / "inventory.png"
-    if args.replot:
-        plot(json.loads(json_path.read_text()), png_path)
-        return 0
-    if not Path(DEBIAN_PYTHON).exists():
-        print(f"{DEBIAN_PYTHON} is needed for the stand-in atServers", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    paths = prepare(args.out, "inventory", plot, args.replot)
+    if isinstance(paths, int):
+        return paths
+    json_path, png_path = paths
     b = Bench(Path(tempfile.mkdtemp(prefix="inventory-bench-")))
     t0 = time.monotonic()
     result: dict[str, Any] = {

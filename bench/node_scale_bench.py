@@ -450,6 +450,22 @@ def plot(result: dict[str, Any], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def prepare(out: Path, name: str, plot_fn: Any, replot: bool) -> tuple[Path, Path] | int:
+    """The JSON and PNG paths of a stand-in benchmark, or its exit code when there is nothing
+    more to do (``--replot`` redrew the PNG; no Debian python for the stand-ins). Also makes
+    SIGTERM run the caller's cleanup."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    if replot:
+        plot_fn(json.loads(json_path.read_text()), png_path)
+        return 0
+    if not Path(DEBIAN_PYTHON).exists():
+        print(f"{DEBIAN_PYTHON} is needed for the stand-in atServers", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return json_path, png_path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[100, 250, 500, 1000])
@@ -463,15 +479,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--replot", action="store_true")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "node_scale.json", args.out / "node_scale.png"
-    if args.replot:
-        plot(json.loads(json_path.read_text()), png_path)
-        return 0
-    if not Path(DEBIAN_PYTHON).exists():
-        print(f"{DEBIAN_PYTHON} is needed for the stand-in atServers", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    paths = prepare(args.out, "node_scale", plot, args.replot)
+    if isinstance(paths, int):
+        return paths
+    json_path, png_path = paths
     base = Path(tempfile.mkdtemp(prefix="node-scale-"))
     b = Bench(base)
     t0 = time.monotonic()
