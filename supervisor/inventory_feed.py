@@ -158,9 +158,10 @@ class MembershipFeed:
             log.warning("event=members-read-failed error=%r", exc)
             return False
         before = [n.name for n in self.nodes]
+        first = not self.listed
         self.listed = True
-        if not self.apply(records):
-            return False
+        if not self.apply(records) and not first:
+            return False  # the first read must wake the cycles the gate held back
         log.info(
             "event=members-changed members=%s was=%s",
             ",".join(n.name for n in self.nodes),

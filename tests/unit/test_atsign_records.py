@@ -211,3 +211,16 @@ async def test_a_policy_change_asks_the_owner_for_a_failback_without_a_restart(
     await _records(h, make_record("@alice", {"prefer_nodes": ["a1"]}))
     plan = cycle.decide(h.sup.reconciler.snapshot({"@alice"}))
     assert [type(a) for a in plan.actions] == [cycle.RequestFailback], plan
+
+
+async def test_the_first_read_of_the_members_wakes_the_cycles_even_if_it_changes_nothing() -> None:
+    me = NodeRef("a1", "A")
+    woken: list[list[NodeRef]] = []
+
+    async def read() -> dict[str, dict[str, object]]:
+        return {"a1": {"cloud": "A"}}
+
+    feed = MembershipFeed(read, [me], me, woken.append, interval=1, timeout=1)
+    assert await feed.refresh() and feed.listed and woken == [[me]]
+    assert not await feed.refresh()  # nothing changed since
+    assert woken == [[me]]
