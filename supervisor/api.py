@@ -14,6 +14,8 @@ GET  /atsigns  every atSign record (``inventory.source: dcs``), as ``supervisor 
 POST /atsigns  {"atsign": "@alice", "prefer_nodes": [...], "prefer_clouds": [...],
                "disabled": false}: create or replace the record (the registrar's call)
 POST /atsigns/remove  {"atsign": "@alice"}: delete the record (its data stays)
+POST /atsigns/import  {"atsigns": [...], "nodes": [...], "dry_run": false, "prune": false}:
+               ``supervisor atsigns import`` (all entries or none)
 
 With ``http.auth`` every call but /healthz needs a bearer token whose role may make it
 (:mod:`supervisor.api_auth`); /healthz, /readyz and /metrics are then also served without
@@ -35,7 +37,13 @@ from leases.base import LeaseError, normalize_atsign
 from leases.records import RECORDS_TIMEOUT, AtSignRecord, RecordProblem, make_record
 from supervisor.api_auth import ROLE_KEY, Credentials, Role, auth_middleware, refusal
 from supervisor.deadline import within
-from supervisor.inventory_ops import export_doc, put_record, remove_record
+from supervisor.inventory_ops import (
+    export_doc,
+    import_records,
+    parse_inventory_doc,
+    put_record,
+    remove_record,
+)
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
@@ -160,7 +168,50 @@ def _add_inventory(app: web.Application, sup: Supervisor) -> None:
             return error(404, f"{record.atsign}: no such record")
         return web.json_response({"ok": True, "message": f"removed {record.atsign}"})
 
+    async def import_atsigns(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return error(400, f"body: not JSON: {exc}")
+        if not isinstance(body, dict):
+            return error(400, 'body must be {"atsigns": [...], "dry_run": false, ...}')
+        records, nodes, problems = parse_inventory_doc(body, "body")
+        for flag in ("dry_run", "prune"):
+            if not isinstance(body.get(flag, False), bool):
+                problems.append(f"body: {flag}: expected true or false")
+        if problems:
+            return web.json_response(
+                {"ok": False, "error": "nothing was written", "problems": problems}, status=400
+            )
+        got = await dcs(
+            lambda: import_records(
+                sup.backend,
+                records,
+                nodes | {n.name for n in sup.cfg.inventory.nodes},
+                dry_run=bool(body.get("dry_run", False)),
+                prune=bool(body.get("prune", False)),
+            )
+        )
+        if isinstance(got, web.Response):
+            return got
+        changes, bad = got
+        if bad:
+            return web.json_response(
+                {"ok": False, "error": "nothing was written", "problems": bad}, status=400
+            )
+        return web.json_response(
+            {
+                "ok": True,
+                "dry_run": bool(body.get("dry_run", False)),
+                "message": changes.summary(),
+                "added": [r.atsign for r in changes.added],
+                "updated": [r.atsign for r in changes.updated],
+                "removed": list(changes.removed),
+            }
+        )
+
     app.router.add_get("/atsigns", list_atsigns)
+    app.router.add_post("/atsigns/import", import_atsigns)
     app.router.add_post("/atsigns", put_atsign)
     app.router.add_post("/atsigns/remove", remove_atsign)
 

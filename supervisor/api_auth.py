@@ -52,6 +52,7 @@ ALLOWED: Mapping[tuple[str, str], frozenset[Role]] = {
     ("GET", "/atsigns"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
     ("POST", "/atsigns"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
     ("POST", "/atsigns/remove"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
+    ("POST", "/atsigns/import"): frozenset({Role.OPERATOR, Role.REGISTRAR}),
 }
 """Every other method and path needs the operator credential."""
 

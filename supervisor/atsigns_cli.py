@@ -28,14 +28,18 @@ from leases.records import (
     AtSignRecord,
     RecordChanges,
     RecordProblem,
-    diff_records,
     make_record,
-    unknown_nodes,
 )
 from supervisor.cli_common import ConfigOpt, err, load
 from supervisor.config import SupervisorConfig
 from supervisor.deadline import within
-from supervisor.inventory_ops import export_doc, known_nodes, put_record, remove_record
+from supervisor.inventory_ops import (
+    export_doc,
+    import_records,
+    parse_inventory_doc,
+    put_record,
+    remove_record,
+)
 
 atsigns_app = typer.Typer(
     help="The atSign records in the DCS: add, remove, list, import, export.",
@@ -186,35 +190,7 @@ def parse_inventory_file(path: Path) -> tuple[list[AtSignRecord], set[str], list
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         return [], set(), [f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
-    if not isinstance(doc, dict) or not isinstance(doc.get("atsigns", []), list):
-        return [], set(), [f"{path}: expected a mapping with an 'atsigns' list"]
-    nodes = set()
-    problems: list[str] = []
-    for i, n in enumerate(doc.get("nodes") or []):
-        if isinstance(n, dict) and isinstance(n.get("name"), str):
-            nodes.add(n["name"])
-        else:
-            problems.append(f"{path}: nodes.{i}: expected a mapping with a name")
-    records: list[AtSignRecord] = []
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(doc.get("atsigns") or []):
-        where = f"{path}: atsigns.{i}"
-        if not isinstance(entry, dict) or "atsign" not in entry:
-            problems.append(f"{where}: expected a mapping with an atsign")
-            continue
-        try:
-            record = make_record(str(entry["atsign"]), entry, where)
-        except RecordProblem as exc:
-            problems.append(str(exc))
-            continue
-        if record.atsign in seen:
-            problems.append(
-                f"{where}: {record.atsign} is listed twice (also atsigns.{seen[record.atsign]})"
-            )
-            continue
-        seen[record.atsign] = i
-        records.append(record)
-    return records, nodes, problems
+    return parse_inventory_doc(doc, str(path))
 
 
 @atsigns_app.command("import")
@@ -240,26 +216,8 @@ def import_(
         raise typer.Exit(2)
 
     async def work(backend: Backend) -> tuple[RecordChanges, list[str]]:
-        current, _ = await backend.atsign_records()
         static = {n.name for n in cfg.inventory.nodes} | file_nodes
-        known = await known_nodes(backend, static, current)
-        bad = unknown_nodes(records, known)
-        changes = diff_records(current, records, remove_missing=prune)
-        if bad or dry_run or changes.empty:
-            return changes, bad
-        # Fields a newer writer added stay unless the file gives them.
-        merged = [
-            AtSignRecord(
-                r.atsign,
-                r.prefer_nodes,
-                r.prefer_clouds,
-                r.disabled,
-                {**current[r.atsign].extra, **r.extra} if r.atsign in current else r.extra,
-            )
-            for r in changes.updated
-        ]
-        await backend.write_atsign_records([*changes.added, *merged], changes.removed)
-        return changes, bad
+        return await import_records(backend, records, static, dry_run=dry_run, prune=prune)
 
     changes, bad = _with_backend(cfg, work)
     if bad:

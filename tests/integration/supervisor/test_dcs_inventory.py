@@ -182,6 +182,25 @@ def test_the_registrar_adds_and_removes_atsigns_through_the_node_api_with_its_to
     c.wait(lambda: "@reg01" not in c.running(), 30, "@reg01 stopped")
     assert call(a1, "POST", "/atsigns/remove", tokens["registrar"], {"atsign": "@reg01"})[0] == 404
 
+    # A bulk import: all entries or none, a dry run first.
+    doc = {"atsigns": [{"atsign": "@reg02"}, {"atsign": "@reg03", "prefer_nodes": ["zz"]}]}
+    status, answer = call(a1, "POST", "/atsigns/import", tokens["registrar"], doc)
+    assert status == 400 and answer["problems"] == [
+        "@reg03: prefer_nodes: unknown node(s) ['zz']"
+    ], answer
+    doc["atsigns"][1] = {"atsign": "@reg03", "prefer_nodes": ["a1"]}
+    status, answer = call(a1, "POST", "/atsigns/import", tokens["registrar"], {**doc, "dry_run": 1})
+    assert status == 400 and answer["problems"] == ["body: dry_run: expected true or false"]
+    status, answer = call(
+        a1, "POST", "/atsigns/import", tokens["registrar"], {**doc, "dry_run": True}
+    )
+    assert (status, answer["added"]) == (200, ["@reg02", "@reg03"]), answer
+    assert call(a1, "GET", "/atsigns", tokens["registrar"])[1]["atsigns"] == []
+    status, answer = call(a1, "POST", "/atsigns/import", tokens["registrar"], doc)
+    assert (status, answer["message"]) == (200, "2 added, 0 updated, 0 removed, 0 unchanged")
+    c.atsigns = ["@reg02", "@reg03"]
+    c.wait(c.all_once, 30, "the imported atSigns served")
+
 
 STANDIN_COMMAND = [
     "/usr/bin/python3", "-S", "-I", str(REPO_ROOT / "bench" / "standin_atserver.py"),
