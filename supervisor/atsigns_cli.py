@@ -110,7 +110,9 @@ def add(
             },
         )
     except RecordProblem as exc:
-        err(f"ATSIGN/options: {exc}")
+        msg = str(exc)  # "atsign: ..." or "@alice: prefer_nodes: ..."
+        where = "ATSIGN" if msg.startswith("atsign:") else "--prefer-nodes/--prefer-clouds"
+        err(f"{where}: {msg}")
         raise typer.Exit(2) from None
 
     async def work(backend: Backend) -> tuple[int, str]:
