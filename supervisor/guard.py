@@ -21,6 +21,9 @@ from supervisor.state import Refusal
 
 log = logging.getLogger("supervisor")
 
+Fingerprint = tuple[int, int, int, int] | None
+_Read = tuple[Fingerprint, data_guard.Marker | None]
+
 FENCE_RETRY_S = 5.0
 """Seconds before a takeover is tried again after the lost owner could not be fenced."""
 
@@ -30,7 +33,11 @@ class DataGuard:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
-        self._reads: dict[str, asyncio.Future[data_guard.Marker | None]] = {}
+        self._reads: dict[str, asyncio.Future[_Read]] = {}
+        self._judged: dict[str, Fingerprint] = {}
+        """The marker's fingerprint taken *before* the read a verdict rests on: a marker
+        written after that read (the claim's winner stamping it on shared storage) then
+        counts as a change, and the refusal is looked at again."""
 
     def data_dir(self, atsign: str) -> Path:
         return atsign_dir(self.ctx.cfg.runner.data_root, atsign)
@@ -56,7 +63,7 @@ class DataGuard:
             ctx.retry(atsign, FENCE_RETRY_S)
             return f"not claiming {atsign}: {unfenced}"
         try:
-            marker = await self._read_marker(atsign)
+            self._judged[atsign], marker = await self._read_marker(atsign)
         except data_guard.MarkerUnreadable as exc:
             ctx.retry(atsign, 0.25)
             return f"could not read {atsign}'s data dir marker: {exc}"
@@ -70,14 +77,18 @@ class DataGuard:
             record, marker, cloud=ctx.me.cloud, client=ctx.storage.client_ref()
         )
 
-    async def _read_marker(self, atsign: str) -> data_guard.Marker | None:
-        """Read the marker in a thread, bounded by ``storage.probe_timeout``; while an
-        earlier read of it is still blocked (a hung mount), no second one is started."""
+    async def _read_marker(self, atsign: str) -> _Read:
+        """(the marker's fingerprint, then the marker), read in a thread, bounded by
+        ``storage.probe_timeout``; while an earlier read of it is still blocked (a hung
+        mount), no second one is started."""
+        data_dir = self.data_dir(atsign)
+
+        def read() -> _Read:
+            return data_guard.fingerprint(data_dir), data_guard.read_marker(data_dir)
+
         pending = self._reads.get(atsign)
         if pending is None or pending.done():
-            pending = asyncio.ensure_future(
-                asyncio.to_thread(data_guard.read_marker, self.data_dir(atsign))
-            )
+            pending = asyncio.ensure_future(asyncio.to_thread(read))
             self._reads[atsign] = pending
         try:
             return await asyncio.wait_for(
@@ -109,7 +120,11 @@ class DataGuard:
     def refuse(self, atsign: str, v: data_guard.Verdict) -> str:
         """Remember a refusal (no new claim until the data dir changes or an operator acts)."""
         ctx = self.ctx
-        fp = data_guard.fingerprint(self.data_dir(atsign))
+        # The fingerprint before the read (None: there was no marker then), else now.
+        if atsign in self._judged:
+            fp = self._judged.pop(atsign)
+        else:
+            fp = data_guard.fingerprint(self.data_dir(atsign))
         previous = ctx.state.refused.get(atsign)
         ctx.state.refused[atsign] = Refusal(v.reason, fp, time.time())
         if previous is None or previous.reason != v.reason:

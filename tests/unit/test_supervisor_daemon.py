@@ -206,3 +206,27 @@ async def test_handoff_history_is_bounded_and_status_returns_the_latest(tmp_path
     assert seqs == list(range(rounds - STATUS_REPORTS + 1, rounds + 1))
     assert all(r["to_node"] == "b1" for r in st["handoff_reports"])
     assert len(h.sup.status(reports=REPORTS_KEPT * 2)["handoff_reports"]) == REPORTS_KEPT
+
+
+async def test_a_marker_written_after_the_guard_read_it_lets_the_refusal_go(
+    tmp_path: Path,
+) -> None:
+    """Shared storage: this node reads the marker, the claim's winner (b1) stamps it, then
+    this node refuses. The refusal must rest on what was read, so the stamp counts as a
+    change and the atSign is looked at again (found in CI: a2 refused @alice for good, and
+    when b1 died nobody served it)."""
+    from leases.base import GenerationStamp
+    from supervisor import data_guard
+
+    h = await make_harness(tmp_path, ["@alice"])
+    data_dir = h.sup.guard.data_dir("@alice")
+    data_dir.mkdir(parents=True)
+    data_guard.stamp_marker(data_dir, 10, "d1", "a1", "@alice")
+    h.dcs.stamp("@alice", 10, "a1", GenerationStamp(0, "d1", 0))
+    h.dcs.stamp("@alice", 20, "b1", GenerationStamp(10, "d1", 10))  # b1 won the claim
+    verdict = await h.sup.guard.check("@alice")
+    assert not isinstance(verdict, str) and not verdict.ok, verdict
+    data_guard.stamp_marker(data_dir, 20, "d1", "b1", "@alice")  # b1 writes the marker
+    h.sup.guard.refuse("@alice", verdict)
+    assert h.sup.guard.changed() == {"@alice"}
+    assert "@alice" not in h.sup.state.refused
