@@ -30,7 +30,7 @@ from tests.integration.directory.conftest import (
 from tests.integration.directory.test_directory_lookup import FRESHNESS, wait_for_answer
 
 REPO = Path(__file__).resolve().parents[3]
-OLD_VERSION = "98a8c6d"
+OLD_VERSION = "4b8c512"
 """The last commit of the single-service directory (one list, state/any mask)."""
 
 
