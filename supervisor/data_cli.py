@@ -82,10 +82,11 @@ def _data_dir_and_marker(
         raise typer.Exit(1) from None
 
 
-@data_app.command()
-def show(atsign: AtSignArg, config: ConfigOpt) -> None:
-    """What the DCS records as the atSign's latest start, and what this node's copy holds."""
-    cfg = load(config)
+def _look(
+    cfg: SupervisorConfig, atsign: str
+) -> tuple[str, Path, data_guard.Marker | None, Claim | None, Generation | None]:
+    """(atSign, data dir, its marker, the claim, the generation record); exits 1 (2 for a
+    bad atSign) with one line when any of them cannot be read."""
     name = _atsign(atsign)
     data_dir, marker = _data_dir_and_marker(cfg, name)
     try:
@@ -93,6 +94,14 @@ def show(atsign: AtSignArg, config: ConfigOpt) -> None:
     except (TimeoutError, LeaseError) as exc:
         err(f"cannot read the DCS: {exc!r}")
         raise typer.Exit(1) from None
+    return name, data_dir, marker, claim, record
+
+
+@data_app.command()
+def show(atsign: AtSignArg, config: ConfigOpt) -> None:
+    """What the DCS records as the atSign's latest start, and what this node's copy holds."""
+    cfg = load(config)
+    name, data_dir, marker, claim, record = _look(cfg, atsign)
     verdict = data_guard.verdict(record, marker)
     typer.echo(f"{name}: {_describe(record)}; {_holds(marker)} ({data_dir})")
     owner = f"held by {claim.info.node} (token {claim.token})" if claim else "not claimed"
@@ -112,13 +121,7 @@ def accept(
     or hand it off first.
     """
     cfg = load(config)
-    name = _atsign(atsign)
-    data_dir, marker = _data_dir_and_marker(cfg, name)
-    try:
-        claim, record = asyncio.run(_read(cfg, name))
-    except (TimeoutError, LeaseError) as exc:
-        err(f"cannot read the DCS: {exc!r}")
-        raise typer.Exit(1) from None
+    name, data_dir, marker, claim, record = _look(cfg, atsign)
     if claim is not None:
         err(
             f"{name} is running on {claim.info.node} (token {claim.token}): nothing was "
