@@ -44,8 +44,8 @@ from atserver_runner.base import (
     check_data_dir,
 )
 from atserver_runner.probe import probe_atserver, probe_ssl_context
+from atserver_runner.proc_start import same_process, start_ticks
 
-CREATE_TIME_TOLERANCE_S = 0.05
 EXIT_STATUS_WAIT_S = 1.0
 ADOPT_SLACK_S = 5.0
 NONCE_ENV = "ATFAILOVER_WORKLOAD_NONCE"
@@ -73,6 +73,9 @@ class _PidRecord:
     argv: list[str]
     nonce: str = ""
     """Unique per start; also in the workload's environment (``NONCE_ENV``)."""
+    start_ticks: int = 0
+    """The process's start in clock ticks since boot (0: unknown, an older record): what
+    tells it from a later process with its PID (see :mod:`atserver_runner.proc_start`)."""
 
     @property
     def pending(self) -> bool:
@@ -92,6 +95,7 @@ class _PidRecord:
             port=int(raw["port"]),
             argv=[str(a) for a in raw.get("argv", [])],
             nonce=str(raw.get("nonce", "")),
+            start_ticks=int(raw.get("start_ticks", 0) or 0),
         )
 
 
@@ -150,7 +154,14 @@ class ProcessRunner:
                     continue
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            found = _PidRecord(**{**rec.__dict__, "pid": proc.pid, "create_time": created})
+            found = _PidRecord(
+                **{
+                    **rec.__dict__,
+                    "pid": proc.pid,
+                    "create_time": created,
+                    "start_ticks": start_ticks(proc.pid) or 0,
+                }
+            )
             write_atomic(self.pid_file(rec.atsign), json.dumps(found.__dict__))
             return found
         return rec
@@ -162,13 +173,8 @@ class ProcessRunner:
         child = self._children.get(rec.pid)
         if child is not None and child.poll() is not None:
             return False
-        try:
-            proc = psutil.Process(rec.pid)
-            if abs(proc.create_time() - rec.create_time) > CREATE_TIME_TOLERANCE_S:
-                return False  # the PID was recycled by an unrelated process
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return False
+        # Not the same start: the PID was recycled by an unrelated process.
+        return same_process(rec.pid, ticks=rec.start_ticks, create_time=rec.create_time)
 
     def _workload(self, rec: _PidRecord) -> Workload:
         alive = self._alive(rec)
@@ -272,11 +278,19 @@ class ProcessRunner:
                     self.pid_file(spec.atsign).unlink()
                 raise RunnerError(f"{spec.atsign}: cannot run {spec.command[0]!r}: {exc}") from exc
         self._children[child.pid] = child
+        ticks = start_ticks(child.pid) or 0
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = time.time()  # exited already; list() shows it STOPPED
-        rec = _PidRecord(**{**intent.__dict__, "pid": child.pid, "create_time": create_time})
+        rec = _PidRecord(
+            **{
+                **intent.__dict__,
+                "pid": child.pid,
+                "create_time": create_time,
+                "start_ticks": ticks,
+            }
+        )
         write_atomic(self.pid_file(spec.atsign), json.dumps(rec.__dict__))
         if self._watch is not None:
             self._watch(spec.atsign, child.pid)

@@ -263,9 +263,10 @@ class Node:
             try:
                 rec = json.loads(path.read_text())
                 pid, ct = int(rec["pid"]), float(rec["create_time"])
+                ticks = int(rec.get("start_ticks") or 0)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if pid_alive(pid, ct):
+            if pid_alive(pid, ct, ticks=ticks):
                 out[str(rec["atsign"])] = (pid, ct)
         return out
 

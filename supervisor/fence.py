@@ -41,10 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from atserver_runner.atomic_file import write_atomic
 from atserver_runner.base import Runner, WorkloadState
+from atserver_runner.proc_start import same_process, start_ticks
 from supervisor.resume import load_record
 
 log = logging.getLogger(__name__)
@@ -91,16 +90,6 @@ def read_heartbeat(path: Path) -> Heartbeat | None:
         return None
 
 
-def _process_alive(pid: int, create_time: float | None) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 class Fence:
     """The fence loop for one node (see module docstring)."""
 
@@ -134,10 +123,7 @@ class Fence:
         self.kill_grace = kill_grace
         self.clock = clock
         self.started = clock()
-        try:
-            self._sup_create: float | None = psutil.Process(supervisor_pid).create_time()
-        except psutil.Error:
-            self._sup_create = None
+        self._sup_start = start_ticks(supervisor_pid)
 
     def _expired(self) -> tuple[bool, Heartbeat | None, str]:
         hb = read_heartbeat(self.heartbeat_path)
@@ -204,7 +190,9 @@ class Fence:
         return sum(1 for ok in results if ok)
 
     def supervisor_alive(self) -> bool:
-        return _process_alive(self.supervisor_pid, self._sup_create)
+        return self._sup_start is not None and same_process(
+            self.supervisor_pid, ticks=self._sup_start
+        )
 
     def _dead_supervisors_session(self) -> str | None:
         """The session id our supervisor recorded, if the record is not a successor's.

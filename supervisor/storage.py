@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from atserver_runner.proc_start import same_process, start_ticks
 from supervisor.config import SupervisorConfig
 from supervisor.metrics import SupervisorMetrics
 
@@ -89,10 +90,11 @@ def recorded_fuse(state_dir: Path) -> psutil.Process | None:
     pid and create time, so a recycled pid is never taken for it), if it still runs."""
     try:
         rec = json.loads((state_dir / FUSE_PID_FILE).read_text())
-        proc = psutil.Process(int(rec["pid"]))
-        if abs(proc.create_time() - float(rec["create_time"])) > 0.05:
+        pid = int(rec["pid"])
+        ticks = int(rec.get("start_ticks", 0) or 0)
+        if not same_process(pid, ticks=ticks, create_time=float(rec["create_time"])):
             return None
-        return proc if proc.status() != psutil.STATUS_ZOMBIE else None
+        return psutil.Process(pid)
     except (OSError, ValueError, KeyError, TypeError, psutil.Error):
         return None
 
@@ -338,7 +340,8 @@ class StorageGuard:
             )  # fmt: skip
         with contextlib.suppress(psutil.Error):
             created = psutil.Process(proc.pid).create_time()
-            self.pid_file.write_text(json.dumps({"pid": proc.pid, "create_time": created}))
+            record = {"pid": proc.pid, "create_time": created, "start_ticks": start_ticks(proc.pid)}
+            self.pid_file.write_text(json.dumps(record))
         return proc
 
     def _lazy_unmount(self) -> None:

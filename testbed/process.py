@@ -10,8 +10,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import psutil
-
 
 class ManagedProcess:
     """Runs ``argv`` in its own process group with output to ``log_path``.
@@ -124,13 +122,10 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05, what: 
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}: last error {last_exc!r}")
 
 
-def pid_alive(pid: int, create_time: float | None = None) -> bool:
-    """Whether ``pid`` runs and is not a zombie; with ``create_time``, also that it is that same
-    process (not a later one that reused the PID)."""
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 0.05:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+def pid_alive(pid: int, create_time: float | None = None, *, ticks: int | None = None) -> bool:
+    """Whether ``pid`` runs and is not a zombie; with ``ticks`` (its start, as the process
+    runner records it) or ``create_time``, also that it is that same process (not a later one
+    that reused the PID); see :mod:`atserver_runner.proc_start`."""
+    from atserver_runner.proc_start import same_process
+
+    return same_process(pid, ticks=ticks, create_time=create_time)

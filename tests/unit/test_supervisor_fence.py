@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from atserver_runner.base import Workload, WorkloadSpec, WorkloadState
@@ -278,3 +280,23 @@ async def test_a_workload_that_exits_between_the_list_and_the_stop_is_logged_alr
         for e in map(json.loads, (tmp_path / "fence.log").read_text().splitlines())
     }
     assert events == {"@alice": "fenced", "@bob": "already-gone"}
+
+
+async def test_a_wall_clock_step_does_not_hide_a_running_workload_from_the_fence(
+    runner: ProcessRunner, tmp_path: Path
+) -> None:
+    """psutil's create time moves with the wall clock (its boot time is wall-clock
+    seconds): after a one-second step, a pid file's create time no longer matches the
+    process. Its start ticks still do, and the fence still stops it."""
+    await start_sleeper(runner, tmp_path, "@carol", 5)
+    pid_file = runner.pid_file("@carol")
+    rec = json.loads(pid_file.read_text())
+    assert rec["start_ticks"] > 0
+    pid_file.write_text(json.dumps({**rec, "create_time": rec["create_time"] - 1.0}))
+    assert [w.state for w in await runner.list()] == [WorkloadState.RUNNING]
+    write_heartbeat(
+        tmp_path / "heartbeat.json",
+        Heartbeat(pid=os.getpid(), deadline=time.monotonic() - 0.01, written=0),
+    )
+    assert await make_fence(runner, tmp_path).check_once() == 1
+    assert not psutil.pid_exists(rec["pid"]) or psutil.Process(rec["pid"]).status() == "zombie"

@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import yaml
 
+from atserver_runner.proc_start import same_process
 from supervisor.registration import health_entries
 from testbed.ceph import DATA_ROOT, CephCluster, reap_managed_mount
 from testbed.consul import ConsulAgent
@@ -179,7 +180,7 @@ class Node:
         """atSign -> fencing token of this node's atServer processes that are alive now."""
         out: dict[str, int] = {}
         for atsign, rec in self.workload_records().items():
-            if pid_alive(int(rec["pid"]), float(rec["create_time"])):
+            if pid_alive(int(rec["pid"]), float(rec["create_time"]), rec.get("start_ticks")):
                 out[atsign] = int(rec["fencing_token"])
         return out
 
@@ -197,14 +198,9 @@ class Node:
             return None
 
 
-def pid_alive(pid: int, create_time: float | None = None) -> bool:
-    try:
-        p = psutil.Process(pid)
-        if create_time is not None and abs(p.create_time() - create_time) > 0.05:
-            return False
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+def pid_alive(pid: int, create_time: float | None = None, ticks: int | None = None) -> bool:
+    """The recorded process still runs (by its start ticks when the record has them)."""
+    return same_process(pid, ticks=ticks, create_time=create_time)
 
 
 @dataclass
@@ -427,18 +423,20 @@ class Cluster:
         with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
             list(pool.map(lambda n: n.proc.stop(timeout=15), self.nodes.values()))
         deadline = time.monotonic() + 10
-        leftovers: list[tuple[int, float | None]] = []
+        leftovers: list[tuple[int, float | None, int | None]] = []
         for n in self.nodes.values():
             pid = n.fence_pid()
             if pid is not None and is_fence_of(pid, n.config_path):
                 with contextlib.suppress(psutil.Error):
-                    leftovers.append((pid, psutil.Process(pid).create_time()))
+                    leftovers.append((pid, psutil.Process(pid).create_time(), None))
             for rec in n.workload_records().values():
-                leftovers.append((int(rec["pid"]), float(rec["create_time"])))
-        for pid, created in leftovers:
-            while pid_alive(pid, created) and time.monotonic() < deadline:
+                leftovers.append(
+                    (int(rec["pid"]), float(rec["create_time"]), rec.get("start_ticks"))
+                )
+        for pid, created, ticks in leftovers:
+            while pid_alive(pid, created, ticks) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if pid_alive(pid, created):
+            if pid_alive(pid, created, ticks):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
         for n in self.nodes.values():
