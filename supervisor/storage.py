@@ -205,6 +205,13 @@ class StorageGuard:
             if self.ready and self.st.kind == "cephfs":
                 await self.read_identity()
             self.on_change()
+        elif self.ready and self.st.kind == "cephfs" and self.identity is None:
+            # The read at readiness failed (a slow admin socket on a busy host): until it
+            # works, generation records name only the entity, which a takeover must fence
+            # whole, every mount of it, instead of this one client instance.
+            await self.read_identity()
+            if self.identity is not None:
+                self.on_change()
         if self.metrics is not None:
             self.metrics.storage_ready.set(1.0 if self.ready else 0.0)
         return self.ready
@@ -233,7 +240,7 @@ class StorageGuard:
         """Evict the instance that died (once): its MDS session would otherwise keep its
         files' capabilities until the session timeout (a minute), and a takeover's first
         read of the data dir, or this node's next mount, waits for them."""
-        ref = self.client_ref()
+        ref = self.client_ref() if self.identity else ""
         if not ref or ref == self._evicted or self.evict is None:
             return
         ok, text = await self.evict(ref)
@@ -295,6 +302,7 @@ class StorageGuard:
         c = self.st.cephfs
         assert c is not None
         old = self._recorded_fuse()
+        self.identity = None  # the new mount is another client instance
         if old is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(old.pid, signal.SIGKILL)
@@ -389,12 +397,14 @@ class StorageGuard:
         self.identity = ident.to_dict()
 
     def client_ref(self) -> str:
-        """``client.a1/4160/127.0.0.1:0/1234``: what generation records name (empty if
-        unknown)."""
+        """``client.a1/4160/127.0.0.1:0/1234``: what generation records name. While the
+        instance is unknown (no admin socket, or it did not answer yet) only the configured
+        entity, ``client.a1//``, which a takeover fences whole; empty when not on CephFS."""
         ident = self.identity
-        if not ident:
-            return ""
-        return f"{ident['entity']}/{ident['global_id']}/{ident.get('addr') or ''}"
+        if ident:
+            return f"{ident['entity']}/{ident['global_id']}/{ident.get('addr') or ''}"
+        c = self.st.cephfs
+        return f"{c.entity}//" if self.st.kind == "cephfs" and c is not None else ""
 
     def record(self) -> dict[str, Any]:
         """This node's storage in its node record."""
