@@ -58,10 +58,14 @@ def assert_fenced_in_time(c: Cluster, victim: Node, moved: dict[str, int]) -> li
     finished (the design target is stop_budget; a starved 2-core CI host may need more)."""
     # already-gone: it exited between the fence's list and its stop (with session checks
     # the new owner may end the session and fence the node's CephFS client meanwhile).
-    entries = {
-        e["atsign"]: e for e in victim.fence_log() if e["event"] in ("fenced", "already-gone")
-    }
-    assert set(moved) <= set(entries), f"fence log {entries} lacks some of {moved}"
+    log = victim.fence_log()
+    entries = {e["atsign"]: e for e in log if e["event"] in ("fenced", "already-gone")}
+    if not set(moved) <= set(entries):
+        out = victim.state_dir / "fence.out"
+        said = out.read_text(errors="replace").splitlines()[-40:] if out.exists() else []
+        raise AssertionError(
+            f"fence log lacks some of {moved}: {json.dumps(log)}\nfence.out:\n" + "\n".join(said)
+        )
     lateness = []
     for atsign, old_token in moved.items():
         e = entries[atsign]
