@@ -63,8 +63,17 @@ def assert_fenced_in_time(c: Cluster, victim: Node, moved: dict[str, int]) -> li
     if not set(moved) <= set(entries):
         out = victim.state_dir / "fence.out"
         said = out.read_text(errors="replace").splitlines()[-40:] if out.exists() else []
+        storage = [
+            ln
+            for n in c.nodes.values()
+            for ln in n.proc.log_path.read_text(errors="replace").splitlines()
+            if "event=storage-" in ln or "event=session" in ln
+        ]
         raise AssertionError(
-            f"fence log lacks some of {moved}: {json.dumps(log)}\nfence.out:\n" + "\n".join(said)
+            f"fence log lacks some of {moved}: {json.dumps(log)}\nfence.out:\n"
+            + "\n".join(said)
+            + "\nstorage and session events:\n"
+            + "\n".join(storage[-40:])
         )
     lateness = []
     for atsign, old_token in moved.items():
