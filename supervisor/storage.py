@@ -87,7 +87,7 @@ FUSE_PID_FILE = "ceph-fuse.pid"
 
 def recorded_fuse(state_dir: Path) -> psutil.Process | None:
     """The ceph-fuse a supervisor with this ``state_dir`` started (its pid file records the
-    pid and create time, so a recycled pid is never taken for it), if it still runs."""
+    pid and its start ticks, so a recycled pid is never taken for it), if it still runs."""
     try:
         rec = json.loads((state_dir / FUSE_PID_FILE).read_text())
         pid = int(rec["pid"])
