@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chaos.checker import FaultRecord, Instance
+from supervisor.fence import ENDED_EVENTS
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def collect_instances(nodes: Sequence[NodeLogs], faults: Iterable[FaultRecord]) 
     for n in nodes:
         fenced: dict[tuple[str, int], list[float]] = {}
         for e in _json_lines(n.fence_log):
-            if e.get("event") in ("fenced", "already-gone"):  # ended by then either way
+            if e.get("event") in ENDED_EVENTS:  # ended by then either way
                 key = (str(e.get("atsign")), int(_num(e.get("fencing_token"))))
                 fenced.setdefault(key, []).append(_num(e.get("wall")))
         for log in sorted(n.workload_logs.glob("*.log")):

@@ -52,6 +52,15 @@ FENCE_EVENTS: dict[bool | None, str] = {True: "fenced", False: "already-gone", N
 """The fence log's event per stop result: stopped it; found it exited since the list (it
 ended before this entry's time); could not stop it."""
 
+EXITED_EVENT = "found-exited"
+"""The fence log's event for a workload already exited when the fence listed it after the
+deadline (e.g. the new owner fenced the node's storage first): it ended before this entry's
+time. Logged once per start; the record is left to the supervisor (it may be a start whose
+process a later list adopts, which the fence then stops)."""
+
+ENDED_EVENTS = frozenset({FENCE_EVENTS[True], FENCE_EVENTS[False], EXITED_EVENT})
+"""Fence log events that say the workload had ended by the entry's ``wall`` time."""
+
 
 @dataclass(frozen=True)
 class Heartbeat:
@@ -124,6 +133,8 @@ class Fence:
         self.clock = clock
         self.started = clock()
         self._sup_start = start_ticks(supervisor_pid)
+        self._seen_exited: set[tuple[str, str]] = set()
+        """Exited workloads already logged (atSign, runner ident)."""
 
     def _expired(self) -> tuple[bool, Heartbeat | None, str]:
         hb = read_heartbeat(self.heartbeat_path)
@@ -150,13 +161,38 @@ class Fence:
         expired, hb, why = self._expired()
         if not expired:
             return 0
-        workloads = [w for w in await self.runner.list() if w.state is WorkloadState.RUNNING]
-        if not workloads:
+        listed = await self.runner.list()
+        workloads = [w for w in listed if w.state is WorkloadState.RUNNING]
+        exited = [
+            w
+            for w in listed
+            if w.state is WorkloadState.STOPPED and (w.atsign, w.ident) not in self._seen_exited
+        ]
+        if not workloads and not exited:
             return 0
         expired, hb, why = self._expired()  # a fresh heartbeat may have come meanwhile
         if not expired:
             return 0
         deadline = hb.deadline if hb is not None else None
+        seen = self.clock()
+        for w in exited:
+            self._seen_exited.add((w.atsign, w.ident))
+            self._record(
+                {
+                    "event": EXITED_EVENT,
+                    "node": w.node,
+                    "atsign": w.atsign,
+                    "fencing_token": w.fencing_token,
+                    "exit_code": w.exit_code,
+                    "reason": why,
+                    "wall": time.time(),
+                    "mono": seen,
+                    "deadline": deadline,
+                }
+            )
+            log.warning("fence: %s %s (token %s): %s", EXITED_EVENT, w.atsign, w.fencing_token, why)
+        if not workloads:
+            return 0
 
         async def stop(atsign: str) -> bool | None:
             """True: stopped; False: it was gone already (it exited since the list, e.g.

@@ -14,7 +14,7 @@ import pytest
 
 from atserver_runner.base import Workload, WorkloadSpec, WorkloadState
 from atserver_runner.process import ProcessRunner
-from supervisor.fence import Fence, Heartbeat, read_heartbeat, write_heartbeat
+from supervisor.fence import ENDED_EVENTS, Fence, Heartbeat, read_heartbeat, write_heartbeat
 
 
 @pytest.fixture
@@ -280,6 +280,48 @@ async def test_a_workload_that_exits_between_the_list_and_the_stop_is_logged_alr
         for e in map(json.loads, (tmp_path / "fence.log").read_text().splitlines())
     }
     assert events == {"@alice": "fenced", "@bob": "already-gone"}
+
+
+async def test_a_workload_exited_before_the_list_is_logged_once_and_its_record_kept(
+    runner: ProcessRunner, tmp_path: Path
+) -> None:
+    """The new owner may fence the node's storage before the node's own deadline (Consul
+    session checks end the session sooner): an atServer that exited on the fenced mount is in
+    the fence log as found-exited (it ended by then), once, and its pid file stays for the
+    supervisor (a pending start's record must survive until a list adopts its process)."""
+    import json
+    import signal
+
+    import psutil
+
+    await start_sleeper(runner, tmp_path, "@alice", 7)
+    await start_sleeper(runner, tmp_path, "@bob", 8)
+    bob = json.loads(runner.pid_file("@bob").read_text())["pid"]
+    os.killpg(bob, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            if psutil.Process(bob).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        await asyncio.sleep(0.02)
+    hb = tmp_path / "heartbeat.json"
+    fence = make_fence(runner, tmp_path)
+    write_heartbeat(hb, Heartbeat(pid=os.getpid(), deadline=time.monotonic() + 60, written=0))
+    assert await fence.check_once() == 0
+    assert not (tmp_path / "fence.log").exists()  # a fresh heartbeat: nothing to say yet
+    write_heartbeat(hb, Heartbeat(pid=os.getpid(), deadline=time.monotonic() - 1, written=0))
+    assert await fence.check_once() == 1
+    assert await fence.check_once() == 0
+    entries = [json.loads(ln) for ln in (tmp_path / "fence.log").read_text().splitlines()]
+    assert sorted((e["atsign"], e["event"]) for e in entries) == [
+        ("@alice", "fenced"),
+        ("@bob", "found-exited"),
+    ]
+    bob_entry = next(e for e in entries if e["atsign"] == "@bob")
+    assert bob_entry["fencing_token"] == 8 and bob_entry["deadline"] is not None
+    assert {e["event"] for e in entries} <= ENDED_EVENTS
+    assert runner.pid_file("@bob").exists() and not runner.pid_file("@alice").exists()
 
 
 async def test_a_wall_clock_step_does_not_hide_a_running_workload_from_the_fence(

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from directory.shards import registrations
+from supervisor.fence import ENDED_EVENTS
 from supervisor.registration import NODE_CHECK
 from testbed.etcd import EtcdCluster
 from tests.integration.supervisor.cluster import Cluster, Node, cli, is_fence_of, pid_alive
@@ -59,7 +60,9 @@ def assert_fenced_in_time(c: Cluster, victim: Node, moved: dict[str, int]) -> li
     # already-gone: it exited between the fence's list and its stop (with session checks
     # the new owner may end the session and fence the node's CephFS client meanwhile).
     log = victim.fence_log()
-    entries = {e["atsign"]: e for e in log if e["event"] in ("fenced", "already-gone")}
+    # found-exited: it had exited when the fence listed after the deadline (the new owner
+    # fenced the node's storage first), so it ended before that entry's time.
+    entries = {e["atsign"]: e for e in log if e["event"] in ENDED_EVENTS}
     if not set(moved) <= set(entries):
         out = victim.state_dir / "fence.out"
         said = out.read_text(errors="replace").splitlines()[-40:] if out.exists() else []
