@@ -7,7 +7,7 @@ violation; 2 bad arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,6 +87,22 @@ def _recovery_table(by_kind: dict[str, dict[str, object]], title: str) -> object
     return table
 
 
+def _session_table(losses: dict[str, Any]) -> object:
+    from rich.table import Table
+
+    left = losses["unattributed"]
+    table = Table(
+        title="nodes' session losses per fault (an etcd member fault by the member's role); "
+        f"outside any fault: {left['losses']} losses, {left['rechecks']} rechecks"
+    )
+    for col in ("fault", "faults", "with a session loss", "losses", "rechecks"):
+        table.add_column(col)
+    for group, v in losses["by_group"].items():
+        table.add_row(group, str(v["faults"]), str(v["with_session_loss"]), str(v["losses"]),
+                      str(v["rechecks"]))  # fmt: skip
+    return table
+
+
 @app.command()
 def check(
     report: Annotated[Path, typer.Argument(help="a report directory of `chaos run`")],
@@ -94,13 +110,14 @@ def check(
     """Run the checker again on a run's saved histories (also of an interrupted run)."""
     from rich.console import Console
 
-    from chaos.run import recheck
+    from chaos.run import recheck, recheck_session_losses
 
     if not (report / "client-ops.jsonl").is_file() or not (report / "cluster").is_dir():
         raise typer.BadParameter(f"{report} has no client-ops.jsonl and cluster/ of a chaos run")
     verdict = recheck(report)
     out = Console()
     out.print(_recovery_table(verdict.recovery_by_kind(), str(report)))
+    out.print(_session_table(recheck_session_losses(report)))
     out.print(
         f"{len(verdict.outcomes)} faults, {len(verdict.violations)} violations, "
         f"{len(verdict.fenced_overlaps)} fenced overlaps (frozen owners), "
@@ -122,7 +139,7 @@ def run(
         "chaos-report"
     ),
     ttl: Annotated[
-        float | None, typer.Option(help="claim ttl in seconds [etcd 4, consul 10]")
+        float | None, typer.Option(help="claim ttl in seconds [etcd 6, consul 10]")
     ] = None,
     kind: Annotated[
         list[str] | None, typer.Option(help="only these fault kinds (repeatable)")
@@ -141,6 +158,13 @@ def run(
             "kill-osd, kill-active-mds and freeze-node faults) or local (--data-roots)"
         ),
     ] = "cephfs",
+    session_checks: Annotated[
+        bool,
+        typer.Option(
+            help="Consul: bind each node's session to its agent's serfHealth and a 2.5 s TTL "
+            "check (renew 1 s, self-fence after 3 s, lock-delay 5 s)"
+        ),
+    ] = False,
 ) -> None:
     """Inject a seeded schedule of faults, check the histories, write a report."""
     from rich.console import Console
@@ -153,6 +177,11 @@ def run(
         raise typer.BadParameter(f"--data-roots must be shared or per-node, got {data_roots!r}")
     if storage not in ("cephfs", "local"):
         raise typer.BadParameter(f"--storage must be cephfs or local, got {storage!r}")
+    if session_checks and backend != "consul":
+        raise typer.BadParameter(
+            f"--session-checks is a Consul setting; --backend is {backend}",
+            param_hint="--session-checks",
+        )
     valid = kinds_for(backend, partition=True, opt_in=True, storage=storage)
     for k in kind or []:
         if k not in valid:
@@ -162,7 +191,7 @@ def run(
     opts = RunOptions(
         backend=backend, nodes=nodes, atsigns=atsigns, faults=faults, seed=seed,
         report_dir=report, ttl=ttl, kinds=tuple(kind or ()), data_roots=data_roots,
-        storage=storage,
+        storage=storage, session_checks=session_checks,
     )  # fmt: skip
     out = Console()
     try:
@@ -172,6 +201,7 @@ def run(
         raise typer.Exit(1) from None
     r = result.report
     out.print(_recovery_table(r["recovery_by_kind"], f"{backend}, ttl {r['ttl']:g}s"))
+    out.print(_session_table(r["session_losses"]))
     out.print(
         f"{len(r['violations'])} violations, {r['lost_writes']} lost writes, "
         f"{len(r['fenced_overlaps'])} fenced overlaps (frozen owners), "

@@ -55,6 +55,16 @@ CLOUDS = ("cloud-a", "cloud-b")
 DEFAULT_TTL: dict[str, float] = {"etcd": 6.0, "consul": 10.0}
 """etcd: with 3 members a leader election (1-2 s) must fit in renew_deadline = ttl/2 (the
 supervisor's config check); Consul: its minimum session TTL."""
+SESSION_CHECK_TIMING: dict[str, float] = {
+    "timing.renew_interval": 1.0,
+    "timing.renew_deadline": 3.0,
+    "timing.stop_budget": 1.5,
+    "dcs.consul.lock_delay": 5.0,
+    "dcs.consul.session_check_ttl": 2.5,
+}
+"""Consul sessions bound to health checks (:attr:`ClusterSpec.session_checks`): renew every
+second, self-fence after 3 s with 1.5 s to stop, so the lock delay (5 s) outlasts the owner
+(renew_deadline + stop_budget < lock_delay); check ttl 2.5 >= 2 x renew_interval."""
 PORTS_PER_NODE = 200
 DOCKER_IMAGE = "atfailover/devserver:dev"
 PKAM_FILE = ".pkam.pub"
@@ -76,6 +86,12 @@ class ClusterSpec:
     runner: RunnerKind = "process"
     image: str | None = None
     consul_lock_delay: float = 1.0
+    """Ignored with ``session_checks``: they need :data:`SESSION_CHECK_TIMING`'s."""
+    session_checks: bool = False
+    """Consul: bind each node's session to its own agent's ``serfHealth`` and a TTL check
+    (``dcs.consul.session_check_ttl``, timing of :data:`SESSION_CHECK_TIMING`). The node's
+    DCS traffic then goes to its own agent (through its relay, so a partition cuts the
+    supervisor off its agent, whose session check then lapses)."""
     prefix: str = "chaos"
     start_timeout: float = 90.0
     dcs_relays: bool = False
@@ -95,9 +111,20 @@ class ClusterSpec:
     """A running :class:`testbed.ceph.CephCluster` to use (a test session's); ``None``
     starts one for this cluster when ``storage`` is not ``local``."""
 
+    def __post_init__(self) -> None:
+        if self.session_checks and self.backend != "consul":
+            raise ValueError(f"session_checks are a Consul setting, not one of {self.backend}")
+
     @property
     def effective_ttl(self) -> float:
         return self.ttl if self.ttl is not None else DEFAULT_TTL[self.backend]
+
+    @property
+    def effective_lock_delay(self) -> float:
+        """Consul's lock delay on the nodes' sessions."""
+        if self.session_checks:
+            return SESSION_CHECK_TIMING["dcs.consul.lock_delay"]
+        return self.consul_lock_delay
 
 
 @dataclass(frozen=True)
@@ -545,8 +572,14 @@ class Cluster:
             endpoints = [f"127.0.0.1:{p}" for p in relayed] if relayed else self.etcd.endpoints
             dcs["etcd"] = {"endpoints": endpoints}
         else:
-            url = f"http://127.0.0.1:{relayed[0]}" if relayed else self.consul.url
-            dcs["consul"] = {"url": url, "lock_delay": spec.consul_lock_delay}
+            # With session checks the session belongs to the node's own agent (its serfHealth).
+            direct = self._agents[name].url if spec.session_checks else self.consul.url
+            url = f"http://127.0.0.1:{relayed[0]}" if relayed else direct
+            dcs["consul"] = {"url": url, "lock_delay": spec.effective_lock_delay}
+            if spec.session_checks:
+                dcs["consul"]["session_check_ttl"] = SESSION_CHECK_TIMING[
+                    "dcs.consul.session_check_ttl"
+                ]
         runner: dict[str, Any] = {
             "kind": spec.runner,
             "port_range": [low, low + PORTS_PER_NODE - 1],
@@ -568,7 +601,7 @@ class Cluster:
         return {
             "node": {"name": name, "cloud": cloud, "zone": f"{cloud}-z1", "address": "127.0.0.1"},
             "dcs": dcs,
-            "timing": {"ttl": self.ttl, "probe_interval": min(1.0, self.ttl / 4)},
+            "timing": self.node_timing(),
             "consul": {
                 "url": self._agents[name].url if name in self._agents else self.consul.url,
                 "service_name": "atserver",
@@ -583,6 +616,15 @@ class Cluster:
                 "atsigns": [{"atsign": a.atsign} for a in self.atsigns],
             },
         }
+
+    def node_timing(self) -> dict[str, float]:
+        """The nodes' ``timing:`` section."""
+        timing = {"ttl": self.ttl, "probe_interval": min(1.0, self.ttl / 4)}
+        if self.spec.session_checks:
+            for key, value in SESSION_CHECK_TIMING.items():
+                if key.startswith("timing."):
+                    timing[key.removeprefix("timing.")] = value
+        return timing
 
     def node_data_root(self, node: str) -> Path:
         """Where ``node``'s atServers keep their data (see :attr:`ClusterSpec.data_roots`):
@@ -645,6 +687,8 @@ class Cluster:
             if self.spec.backend == "etcd":
                 assert self.etcd is not None
                 ports = [m.client_port for m in self.etcd.members]
+            elif self.spec.session_checks:
+                ports = [self._agents[name].http_port]
             else:
                 ports = [self.consul.http_port]
             self._node_dcs[name] = [self.relays.add(name, p) for p in ports]
@@ -735,9 +779,9 @@ class Cluster:
             self.base / "logs" / "directory.log",
         )  # fmt: skip
         self.directory.start()
+        self._make_agents(timeout)
         if spec.dcs_relays:
             self._make_relays()
-        self._make_agents(timeout)
         self._make_nodes()
         for node in self.nodes:
             node.start()

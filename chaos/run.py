@@ -21,11 +21,12 @@ from rich.console import Console
 from atserver_runner.devserver.protocol import validate_key
 from chaos.atclient import client_ssl_context
 from chaos.checker import FaultRecord, Verdict, check
-from chaos.cluster import Cluster, ClusterError, ClusterSpec
+from chaos.cluster import DEFAULT_TTL, Cluster, ClusterError, ClusterSpec
 from chaos.faults import inject, kinds_for, partition_unavailable_reason, schedule
 from chaos.history import NodeLogs, collect_instances
 from chaos.readback import MountReadBack, read_through_other_mounts
 from chaos.report import instances_json, plot_timeline, write_json
+from chaos.sessions import session_events, session_losses_by_fault
 from chaos.workload import WorkloadClient
 
 console = Console(stderr=True)
@@ -54,6 +55,8 @@ class RunOptions:
     ceph: Any = None
     """A running :class:`testbed.ceph.CephCluster` to use (a test session's); ``None``: the
     run builds its own when ``storage`` is ``cephfs``."""
+    session_checks: bool = False
+    """Consul: sessions bound to health checks (see ``ClusterSpec.session_checks``)."""
 
 
 @dataclass
@@ -67,7 +70,7 @@ class RunResult:
 def steady_bound(cluster: Cluster) -> float:
     """How long to wait for a steady state: generous, derived from the ttl (Consul's session
     may live 2 x ttl, plus lock-delay)."""
-    return 3 * cluster.ttl + cluster.spec.consul_lock_delay + 30
+    return 3 * cluster.ttl + cluster.spec.effective_lock_delay + 30
 
 
 async def wait_steady(
@@ -110,6 +113,7 @@ async def _campaign(opts: RunOptions) -> RunResult:
         data_roots=opts.data_roots,  # type: ignore[arg-type]
         storage=opts.storage,  # type: ignore[arg-type]
         ceph=opts.ceph,
+        session_checks=opts.session_checks,
     )
     cluster = Cluster(spec)
     (report_dir / "faults.jsonl").unlink(missing_ok=True)
@@ -223,6 +227,8 @@ async def _campaign(opts: RunOptions) -> RunResult:
             "ceph": "the caller's" if opts.ceph is not None else None,
         },
         "ttl": cluster.ttl,
+        "timing": cluster.node_timing(),
+        "lock_delay": cluster.spec.effective_lock_delay if opts.backend == "consul" else None,
         "kinds": list(kinds),
         "skipped_kinds": skipped,
         "schedule": [pf.describe(cluster) for pf in plan],
@@ -232,6 +238,9 @@ async def _campaign(opts: RunOptions) -> RunResult:
         "verified_writes": verified.checked,
         "verified_through_other_mounts": sum(m.checked for m in mounts if m.complete),
         "mount_readback": [asdict(m) for m in mounts],
+        "session_losses": session_losses_by_fault(
+            session_events(cluster.base / "logs"), records, cluster.ttl
+        ),
         "stale_data_refusals": len(refusals),
         "stale_data_refusals_by_atsign": {
             a: sum(1 for r in refusals if r["atsign"] == a)
@@ -312,6 +321,17 @@ def recheck(report_dir: Path) -> Verdict:
         return check(instances, faults, ops)
     saved = json.loads(readback.read_text())
     return check(instances, faults, ops, saved["lost"], saved["unreadable_atsigns"])
+
+
+def recheck_session_losses(report_dir: Path) -> dict[str, Any]:
+    """The nodes' session losses per fault, read again from a report directory's logs (the
+    ttl from its report.json, else the etcd default)."""
+    report = report_dir / "report.json"
+    ttl = json.loads(report.read_text()).get("ttl") if report.exists() else None
+    events = session_events(report_dir / "cluster" / "logs")
+    return session_losses_by_fault(
+        events, load_faults(report_dir), float(ttl or DEFAULT_TTL["etcd"])
+    )
 
 
 def run_chaos(opts: RunOptions) -> RunResult:
