@@ -99,6 +99,10 @@ MAX_TTL = 86400.0
 
 
 SERF_HEALTH = "serfHealth"
+CRITICAL_CHECK_RETRIES = 5
+CRITICAL_CHECK_PAUSE = 0.2
+"""A session create that finds its check critical right after the pass is tried again
+this many times, this many seconds apart (the agent's sync to the servers is async)."""
 """The agent's gossip health check (critical when the node failed or left)."""
 SERF_DETECTION = 5.0
 """Seconds Consul's LAN gossip takes to declare a dead agent failed (probe every 1 s, then
@@ -387,6 +391,10 @@ class ConsulBackend(Backend):
         checks: list[str] = []  # TTL only: no tie to the health of the agent we talk to
         if self.session_check_ttl is not None:
             await self._register_session_check(node, timing)
+            # Re-registering a TTL check that expired leaves it critical (the agent keeps the
+            # check's state; a crashed supervisor's check stays behind), and Consul refuses
+            # to bind a critical check: pass it explicitly.
+            await self._pass_session_check(node, timing.request_timeout)
             checks = [SERF_HEALTH, session_check_id(node)]
         body = {
             "Name": f"atfailover {node}",
@@ -405,7 +413,7 @@ class ConsulBackend(Backend):
                 parse, "/v1/session/create", headers=c.prepare_headers(), data=json.dumps(body)
             )
 
-        session_id = await self._call("session create", create, timing.request_timeout)
+        session_id = await self._create_session(create, timing.request_timeout, bool(checks))
         session = ConsulSession(
             self, node, timing, session_id=str(session_id), granted_sent_at=sent
         )
@@ -419,6 +427,21 @@ class ConsulBackend(Backend):
             ",".join(checks) or "-",
         )
         return session
+
+    async def _create_session(
+        self, create: Callable[[Any], Awaitable[Any]], timeout: float, with_checks: bool
+    ) -> Any:
+        """``session create``; with checks, retried a few times while the servers still see
+        the just-passed check as critical (the agent syncs it to them asynchronously)."""
+        tries = CRITICAL_CHECK_RETRIES if with_checks else 1
+        for attempt in range(1, tries + 1):
+            try:
+                return await self._call("session create", create, timeout)
+            except DCSUnavailable as exc:
+                if attempt == tries or "in critical state" not in str(exc):
+                    raise
+            await asyncio.sleep(CRITICAL_CHECK_PAUSE)
+        raise AssertionError("unreachable")
 
     async def revoke_session(self, session_id: str, timeout: float) -> None:
         if not session_id or any(c not in "0123456789abcdef-" for c in session_id.lower()):

@@ -130,3 +130,35 @@ async def test_a_dead_node_agent_ends_the_session_before_its_ttl(
         await holder.close()
         await reader.close()
         client.stop()
+
+
+async def test_a_restarted_holder_opens_a_session_although_its_old_check_went_critical(
+    consul_agent: ConsulAgent, key_prefix: str
+) -> None:
+    """A supervisor that crashed (its check lapsed, left registered) or lost its session
+    while the servers restarted must get a new session: Consul refuses to bind a critical
+    check, and re-registering a TTL check that expired leaves it critical."""
+    node = f"n-{secrets.token_hex(3)}"
+    first = ConsulBackend(
+        consul_agent.url, key_prefix, lock_delay=LOCK_DELAY, session_check_ttl=CHECK_TTL
+    )
+    second = ConsulBackend(
+        consul_agent.url, key_prefix, lock_delay=LOCK_DELAY, session_check_ttl=CHECK_TTL
+    )
+    try:
+        session = await first.open_session(node, TIMING)
+        await session.close(revoke=False)  # a crash: no revoke, the check stays behind
+        deadline = time.monotonic() + 3 * CHECK_TTL
+        check = agent_check(consul_agent.url, session_check_id(node))
+        while time.monotonic() < deadline and (check or {}).get("Status") != "critical":
+            await asyncio.sleep(0.2)
+            check = agent_check(consul_agent.url, session_check_id(node))
+        assert check is not None and check["Status"] == "critical", check
+        again = await asyncio.wait_for(second.open_session(node, TIMING), 3 * CHECK_TTL)
+        try:
+            assert await again.claim("@carol", ClaimInfo(node=node)) is not None
+        finally:
+            await again.close()
+    finally:
+        await first.close()
+        await second.close()
