@@ -99,11 +99,11 @@ MAX_TTL = 86400.0
 
 
 SERF_HEALTH = "serfHealth"
+"""The agent's gossip health check (critical when the node failed or left)."""
 CRITICAL_CHECK_RETRIES = 5
 CRITICAL_CHECK_PAUSE = 0.2
 """A session create that finds its check critical right after the pass is tried again
 this many times, this many seconds apart (the agent's sync to the servers is async)."""
-"""The agent's gossip health check (critical when the node failed or left)."""
 SERF_DETECTION = 5.0
 """Seconds Consul's LAN gossip takes to declare a dead agent failed (probe every 1 s, then
 the suspicion timeout): what a node's death adds before ``lock_delay``, roughly."""
@@ -433,15 +433,14 @@ class ConsulBackend(Backend):
     ) -> Any:
         """``session create``; with checks, retried a few times while the servers still see
         the just-passed check as critical (the agent syncs it to them asynchronously)."""
-        tries = CRITICAL_CHECK_RETRIES if with_checks else 1
-        for attempt in range(1, tries + 1):
+        for _ in range(CRITICAL_CHECK_RETRIES - 1 if with_checks else 0):
             try:
                 return await self._call("session create", create, timeout)
             except DCSUnavailable as exc:
-                if attempt == tries or "in critical state" not in str(exc):
+                if "in critical state" not in str(exc):
                     raise
             await asyncio.sleep(CRITICAL_CHECK_PAUSE)
-        raise AssertionError("unreachable")
+        return await self._call("session create", create, timeout)
 
     async def revoke_session(self, session_id: str, timeout: float) -> None:
         if not session_id or any(c not in "0123456789abcdef-" for c in session_id.lower()):
