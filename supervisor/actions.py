@@ -224,6 +224,7 @@ class Actions:
             return f"released {atsign} (token {claim.token}): {checked}"
         if not checked.ok or checked.stamp is None:
             return f"released {atsign} (token {claim.token}); " + self.guard.refuse(atsign, checked)
+        self.guard.claiming(atsign, s.session_id, checked.stamp)
         try:
             fresh = await within(
                 s.claim(atsign, ctx.info(), generation=checked.stamp),
@@ -250,6 +251,7 @@ class Actions:
             return checked
         if not checked.ok or checked.stamp is None:
             return self.guard.refuse(atsign, checked)
+        self.guard.claiming(atsign, s.session_id, checked.stamp)
         try:
             claim = await within(
                 s.claim(atsign, ctx.info(), generation=checked.stamp),
@@ -299,6 +301,7 @@ class Actions:
             with contextlib.suppress(LeaseError, TimeoutError):
                 await self.release(claim)
             return f"not starting {atsign}: cannot write its data dir marker ({exc}); released"
+        self.guard.stamped(atsign)
         port = ctx.ports.allocate({w.port for w in ctx.workloads.items.values()})
         try:
             spec = ctx.spec_builder(atsign, port, claim.token)

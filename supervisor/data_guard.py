@@ -13,9 +13,18 @@ Two records of the same fact, kept by the supervisor for any atServer image:
 :func:`verdict` compares them before a node claims. Its rule is strict: the marker must name
 the recorded data directory and the recorded token. Anything else (no marker, an older
 one, another copy, or a marker while the DCS has no record) is refused, and the node does
-not claim, so a node whose copy is current can. A node that dies between its claim and the
-marker's fsync (milliseconds) leaves the atSign refused everywhere until an operator runs
-``supervisor data accept``: safe, never silent, and rare.
+not claim, so a node whose copy is current can.
+
+One exception, for a start that never began. A claim writes the record before the marker
+is stamped, so a claim whose answer was lost (a timeout while the transaction committed),
+or whose start stopped before the marker (the session went, the marker write failed),
+leaves a record that no data directory holds. The process that made that claim remembers
+it (:class:`UnstampedClaim`) and may build on the record's ``prev`` from the same data
+directory: the record's start could only have run here, with this directory, and its
+marker was never stamped, so nothing was written under its token. Any other node, or
+this node after a restart (the memory is gone), still refuses; only a node that dies
+between its claim and the marker's fsync (milliseconds) leaves the atSign refused
+everywhere until an operator runs ``supervisor data accept``: safe, never silent, rare.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,16 +120,60 @@ class Verdict:
     """The generation record it judged (the last start: its node and storage client)."""
 
 
+@dataclass(frozen=True)
+class UnstampedClaim:
+    """A claim this process made, or may have made (its answer was lost), whose start did
+    not stamp the data directory's marker: the node, session and stamp of that claim."""
+
+    node: str
+    session: str
+    dir_id: str
+    prev: int
+
+
+def _never_began(
+    record: Generation, marker: Marker | None, unstamped: Collection[UnstampedClaim]
+) -> bool:
+    """The record is a claim of this process that never stamped this directory, and the
+    directory still holds what that claim built on."""
+    if record.accepted_by:
+        return False
+    if marker is None:
+        holds_prev = record.prev == 0
+    else:
+        holds_prev = marker.dir_id == record.dir_id and marker.token == record.prev
+    return holds_prev and any(
+        u.node == record.node
+        and u.dir_id == record.dir_id
+        and u.prev == record.prev
+        and (not record.session or u.session == record.session)
+        for u in unstamped
+    )
+
+
 def _last(record: Generation) -> str:
     how = f"accepted by {record.accepted_by}" if record.accepted_by else f"on {record.node}"
     return f"the last start was {record.token} {how}"
 
 
 def verdict(
-    record: Generation | None, marker: Marker | None, cloud: str = "", client: str = ""
+    record: Generation | None,
+    marker: Marker | None,
+    cloud: str = "",
+    client: str = "",
+    unstamped: Collection[UnstampedClaim] = (),
 ) -> Verdict:
     """Compare the DCS's record with the data directory's marker (pure); ``client`` is this
-    node's storage client, written into the new record of an ``ok``."""
+    node's storage client, written into the new record of an ``ok``; ``unstamped`` the
+    claims this process made without stamping this directory (see the module docstring)."""
+    if record is not None and _never_began(record, marker, unstamped):
+        stamp = GenerationStamp(record.token, record.dir_id, record.prev, cloud, client)
+        return Verdict(
+            True,
+            f"data dir is current: start {record.token} on {record.node} never began",
+            stamp,
+            record,
+        )
     if record is None:
         if marker is None:
             stamp = GenerationStamp(0, new_dir_id(), 0, cloud, client)

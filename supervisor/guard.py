@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from atserver_runner.paths import atsign_dir
-from leases.base import Generation, LeaseError
+from leases.base import Generation, GenerationStamp, LeaseError
 from supervisor import data_guard
 from supervisor.context import NodeContext
 from supervisor.deadline import within
@@ -74,8 +74,23 @@ class DataGuard:
                 f"within {ctx.cfg.storage.probe_timeout:g}s"
             )
         return data_guard.verdict(
-            record, marker, cloud=ctx.me.cloud, client=ctx.storage.client_ref()
+            record,
+            marker,
+            cloud=ctx.me.cloud,
+            client=ctx.storage.client_ref(),
+            unstamped=ctx.state.unstamped.get(atsign, ()),
         )
+
+    def claiming(self, atsign: str, session_id: str, stamp: GenerationStamp) -> None:
+        """Remember a claim about to be sent with ``stamp``, until its marker is stamped:
+        if its answer is lost or its start stops first, the record it wrote names a start
+        that never began, and this process may build on it (see :mod:`data_guard`)."""
+        u = data_guard.UnstampedClaim(self.ctx.me.name, session_id, stamp.dir_id, stamp.prev)
+        self.ctx.state.unstamped.setdefault(atsign, set()).add(u)
+
+    def stamped(self, atsign: str) -> None:
+        """The marker now holds the claim's token: nothing of it is left unstamped."""
+        self.ctx.state.unstamped.pop(atsign, None)
 
     async def _read_marker(self, atsign: str) -> _Read:
         """(the marker's fingerprint, then the marker), read in a thread, bounded by

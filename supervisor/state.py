@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from supervisor import cycle
+from supervisor.data_guard import UnstampedClaim
 
 
 @dataclass
@@ -40,6 +41,9 @@ class State:
     """atSign -> the last token its data directory refused (shown in /status)."""
     refused: dict[str, Refusal] = field(default_factory=dict)
     """atSign -> why the data guard refused it here (kept until its data dir changes)."""
+    unstamped: dict[str, set[UnstampedClaim]] = field(default_factory=dict)
+    """atSign -> claims made here whose start has not stamped its marker yet (the data
+    guard lets this process build on them; dropped once a marker is stamped)."""
     releasing: set[str] = field(default_factory=set)
     """Claims this node is releasing itself: their deletion is no sign of a lost session."""
     failback_asked: dict[str, float] = field(default_factory=dict)

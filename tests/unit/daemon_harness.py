@@ -100,6 +100,8 @@ class FakeSession(Session):
         self._state = SessionState.ALIVE
         self.closed = False
         self.claim_delay = 0.0
+        self.lost_answers = 0
+        """Claims that commit and then time out for the caller (a lost answer)."""
 
     @property
     def session_id(self) -> str:
@@ -141,6 +143,10 @@ class FakeSession(Session):
             return None
         c = Claim(atsign, self.dcs.next_token(), self._sid, info)
         self.dcs.claims[atsign] = c
+        if self.lost_answers:
+            self.lost_answers -= 1
+            self.dcs.changed.set()  # the claims watch still sees it
+            raise TimeoutError("the claim's answer was lost")
         return c
 
     async def publish_node(self, record: Mapping[str, Any]) -> None:

@@ -43,6 +43,51 @@ def test_anything_but_the_recorded_copy_is_refused(marker: Marker | None, reason
     assert v.reason.startswith(reason), v.reason
 
 
+NEVER_BEGAN = Generation("@alice", 23, "a1", "A", dir_id="d" * 32, prev=19, session="s1")
+MINE = data_guard.UnstampedClaim("a1", "s1", "d" * 32, 19)
+
+
+def test_a_claim_of_this_process_that_never_stamped_may_build_on_its_prev() -> None:
+    """The record names start 23 on a1, but a1's own claim never got to the marker: the
+    directory still holds 19, what that claim built on, so it is the latest copy."""
+    v = verdict(NEVER_BEGAN, Marker(19, "d" * 32, "a1"), unstamped={MINE})
+    assert v.ok and v.stamp is not None, v.reason
+    assert (v.stamp.expected, v.stamp.dir_id, v.stamp.prev) == (23, "d" * 32, 19)
+    assert v.reason == "data dir is current: start 23 on a1 never began"
+    new = Generation("@alice", 23, "a1", dir_id="n" * 32, prev=0, session="s1")
+    v = verdict(new, None, unstamped={data_guard.UnstampedClaim("a1", "s1", "n" * 32, 0)})
+    assert v.ok and v.stamp is not None and v.stamp.dir_id == "n" * 32
+
+
+@pytest.mark.parametrize(
+    ("record", "marker", "unstamped"),
+    [
+        # No memory of it: another node, or this one after a restart.
+        (NEVER_BEGAN, Marker(19, "d" * 32), set()),
+        (NEVER_BEGAN, Marker(19, "d" * 32), {data_guard.UnstampedClaim("b1", "s1", "d" * 32, 19)}),
+        # Another session's claim (an earlier process of this node).
+        (NEVER_BEGAN, Marker(19, "d" * 32), {data_guard.UnstampedClaim("a1", "s0", "d" * 32, 19)}),
+        # The directory is not what the claim built on.
+        (NEVER_BEGAN, Marker(12, "d" * 32), {MINE}),
+        (NEVER_BEGAN, Marker(19, "e" * 32), {MINE}),
+        (NEVER_BEGAN, None, {MINE}),
+        # A claim built on another copy or generation than the record's.
+        (NEVER_BEGAN, Marker(19, "d" * 32), {data_guard.UnstampedClaim("a1", "s1", "e" * 32, 19)}),
+        (NEVER_BEGAN, Marker(19, "d" * 32), {data_guard.UnstampedClaim("a1", "s1", "d" * 32, 12)}),
+        # An operator's accept is not a start.
+        (
+            Generation("@alice", 23, "a1", dir_id="d" * 32, prev=19, accepted_by="op"),
+            Marker(19, "d" * 32),
+            {MINE},
+        ),
+    ],
+)
+def test_only_this_process_s_own_unstamped_claim_on_the_same_copy_is_excused(
+    record: Generation, marker: Marker | None, unstamped: set[data_guard.UnstampedClaim]
+) -> None:
+    assert not verdict(record, marker, unstamped=unstamped).ok
+
+
 def test_a_marker_without_a_record_is_refused() -> None:
     v = verdict(None, Marker(12, "d" * 32, "a1"))
     assert not v.ok
@@ -124,6 +169,69 @@ async def test_a_restart_under_a_held_claim_releases_it_when_the_data_is_stale(
     sentence = await h.cycle()
     assert "refused @alice: data dir holds generation" in sentence, sentence
     assert "@alice" not in h.dcs.claims  # released: a node whose copy is current can take it
+
+
+async def test_a_claim_whose_answer_was_lost_is_started_by_its_node_and_refused_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """Found in CI (200 atSigns added at once, separate data dirs): a claim committed but
+    its answer timed out, so the record named a start on a1 that never stamped a marker;
+    a1 then refused its own directory and b1 its empty one, and the atSign stayed unserved."""
+    h = await make_harness(tmp_path, ["@alice"])
+    h.session.lost_answers = 1
+    sentence = await h.cycle()
+    assert "claim of @alice failed: TimeoutError" in sentence, sentence
+    lost = h.dcs.claims["@alice"].token
+    assert h.dcs.generations["@alice"].token == lost and h.runner.started == []
+    sentence = ""
+    for _ in range(5):
+        if h.runner.started:
+            break
+        await h.sync()
+        sentence = await h.cycle()
+    assert "refused" not in sentence and h.sup.state.refused == {}, sentence
+    token = h.dcs.claims["@alice"].token
+    assert token > lost and h.runner.started == [("@alice", token)]
+    marker = read_marker(atsign_dir(h.sup.cfg.runner.data_root, "@alice"))
+    record = h.dcs.generations["@alice"]
+    assert marker is not None and (marker.token, marker.dir_id) == (record.token, record.dir_id)
+    assert h.sup.state.unstamped == {}
+
+    # Another node (no memory of that claim) with the same empty directory still refuses.
+    b = await make_harness(tmp_path / "b", ["@alice"])
+    b.dcs.generations["@alice"] = Generation(
+        "@alice", lost, "a1", dir_id=record.dir_id, prev=0, session=h.session.session_id
+    )
+    sentence = await b.cycle()
+    assert f"refused @alice: data dir holds no generation, the last start was {lost}" in sentence
+
+
+async def test_a_marker_that_could_not_be_written_does_not_strand_the_atsign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim wrote the record, the marker write failed (a storage hiccup) and the claim
+    was released: the next attempt builds on the same directory again."""
+    h = await make_harness(tmp_path, ["@alice"])
+    real = data_guard.stamp_marker
+    calls = 0
+
+    def flaky(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(5, "Input/output error")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(data_guard, "stamp_marker", flaky)
+    sentence = await h.cycle()
+    assert "cannot write its data dir marker" in sentence and "@alice" not in h.dcs.claims
+    for _ in range(5):
+        if h.runner.started:
+            break
+        await h.sync()
+        sentence = await h.cycle()
+    assert h.runner.started == [("@alice", h.dcs.claims["@alice"].token)], sentence
+    assert h.sup.state.refused == {}
 
 
 async def test_the_generation_changing_under_the_check_loses_the_race(tmp_path: Path) -> None:
