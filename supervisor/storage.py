@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from atserver_runner.atomic_file import write_atomic
 from atserver_runner.proc_start import same_process, start_ticks
 from supervisor.config import SupervisorConfig
 from supervisor.metrics import SupervisorMetrics
@@ -83,6 +84,9 @@ def _probe_file(directory: Path, name: str) -> None:
 
 
 FUSE_PID_FILE = "ceph-fuse.pid"
+CLIENT_FILE = "ceph-fuse.client"
+"""The last client instance this node's mount published (``client_ref``), kept in
+``state_dir`` so the next mount, after the node itself was killed, can evict it."""
 
 
 def recorded_fuse(state_dir: Path) -> psutil.Process | None:
@@ -254,6 +258,30 @@ class StorageGuard:
         if ok:
             self._evicted = ref
 
+    async def evict_previous_client(self) -> None:
+        """Before mounting anew, evict the instance this node mounted last (recorded in
+        ``state_dir``), which no longer runs: after a whole-node kill nobody else fences it
+        when the node is back before its claims expire (a node with a live session is not
+        fenced), and until its MDS session times out (a minute) its capabilities block
+        this node's own readiness probe and every other node's reads of the files it had
+        open."""
+        try:
+            ref = (self.state_dir / CLIENT_FILE).read_text().strip()
+        except OSError:
+            return
+        if not ref or ref == self._evicted or self.evict is None:
+            return
+        ok, text = await self.evict(ref)
+        log.log(
+            logging.INFO if ok else logging.ERROR,
+            "event=storage-previous-client-evicted client=%s ok=%s detail=%r",
+            ref,
+            ok,
+            text,
+        )
+        if ok:
+            self._evicted = ref
+
     # --- the managed mount ---------------------------------------------------------------------
 
     @property
@@ -307,6 +335,7 @@ class StorageGuard:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(old.pid, signal.SIGKILL)
         await asyncio.to_thread(self._lazy_unmount)
+        await self.evict_previous_client()
         self.data_root.mkdir(parents=True, exist_ok=True)
         sock = self.admin_socket
         assert sock is not None
@@ -379,6 +408,8 @@ class StorageGuard:
                 os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
+        with contextlib.suppress(FileNotFoundError):  # unmounted: its MDS session is closed
+            (self.state_dir / CLIENT_FILE).unlink()
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -395,6 +426,8 @@ class StorageGuard:
             log.warning("event=storage-identity-failed socket=%s error=%r", sock, exc)
             return
         self.identity = ident.to_dict()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(write_atomic, self.state_dir / CLIENT_FILE, self.client_ref())
 
     def client_ref(self) -> str:
         """``client.a1/4160/127.0.0.1:0/1234``: what generation records name. While the

@@ -80,3 +80,34 @@ def test_no_client_ref_off_cephfs(tmp_path: Path) -> None:
     cfg = node_config(tmp_path, atsigns=[])
     guard = StorageGuard(cfg, on_change=lambda: None, nothing_runs=lambda: True)
     assert guard.client_ref() == ""
+
+
+def test_the_published_client_is_kept_for_the_next_mount_to_evict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node killed whole comes back with a new mount; the instance it mounted last is
+    evicted first, once (its capabilities would block reads for a minute)."""
+
+    async def read(sock: Path, *, timeout: float) -> ClientIdentity:
+        return ClientIdentity("client.a1-test", 4160, "127.0.0.1:0/1234")
+
+    monkeypatch.setattr(ceph_fence, "read_mount_identity", read)
+    evicted: list[str] = []
+
+    async def evict(ref: str) -> tuple[bool, str]:
+        evicted.append(ref)
+        return True, "evicted 1 session"
+
+    async def run() -> None:
+        guard = cephfs_guard(tmp_path, [])
+        await guard.evict_previous_client()
+        assert evicted == []  # nothing recorded yet
+        assert await guard.check()
+        # The node dies; its next supervisor (same state_dir) mounts anew.
+        after = cephfs_guard(tmp_path, [])
+        after.evict = evict
+        await after.evict_previous_client()
+        await after.evict_previous_client()
+        assert evicted == ["client.a1-test/4160/127.0.0.1:0/1234"]
+
+    asyncio.run(run())

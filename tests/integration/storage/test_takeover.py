@@ -233,3 +233,45 @@ def test_an_owner_whose_mount_dies_hands_off_and_mounts_again(
     log = first.process.log_path.read_text(errors="replace")
     assert f"event=storage-dead-client-evicted client=client.{first.name}" in log
     assert "ok=True" in log.split("event=storage-dead-client-evicted", 1)[1].splitlines()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_an_owner_killed_whole_and_back_at_once_evicts_its_old_client_itself(
+    make: Callable[..., Cluster], ceph_cluster: CephCluster
+) -> None:
+    """The chaos runs' kill-node tail (57-63 s p99): a node killed whole and started again
+    before its claims expired has a live session, so the node taking its atSigns over does
+    not fence it, and its dead client's capabilities blocked every read of the files it had
+    open (and the node's own readiness probe) until the MDS timed the session out. The new
+    mount now evicts the instance the node mounted last first."""
+    c = make("etcd")
+    atsign = c.atsigns[0].atsign
+    c.wait_all_serving(90)
+    first = owner(c, atsign)
+    old_client = client_of(first)
+    written = write(c, WRITES)
+    assert len(written) == WRITES
+
+    killed = time.monotonic()
+    first.kill_node()
+    first.start()  # back at once: its old session still lives, nobody fences it as lost
+
+    def served() -> bool:
+        return any(served_by(c, n, atsign) for n in c.nodes)
+
+    bound = c.ttl + 20  # the MDS's session timeout is 37-62 s here
+    took = wait(served, bound, f"{atsign} to be served again")
+    ready = wait(lambda: bool((first.status() or {}).get("ready")), bound, "ready again")
+    print(
+        f"\nMEASURE killed whole and back at once: {atsign} served {took:.1f}s after the "
+        f"kill, {first.name} ready {time.monotonic() - killed:.1f}s after (wait {ready:.1f}s)"
+    )
+    assert read(c, written).complete
+    log = first.process.log_path.read_text(errors="replace")
+    evicted = [ln for ln in log.splitlines() if "event=storage-previous-client-evicted" in ln]
+    assert evicted and "ok=True" in evicted[0], evicted
+    assert f"/{old_client['global_id']}/" in evicted[0], (old_client, evicted)
+    gids = asyncio.run(sessions_of(ceph_cluster, str(old_client["entity"])))
+    assert int(str(old_client["global_id"])) not in gids, gids
+    assert client_of(first)["global_id"] != old_client["global_id"]
