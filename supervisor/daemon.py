@@ -42,6 +42,7 @@ from supervisor.handoffs import REPORTS_KEPT, STATUS_REPORTS, HandoffTracker
 from supervisor.inventory_feed import InventoryFeed, MembershipFeed
 from supervisor.keeper import SessionKeeper, SessionProxy
 from supervisor.metrics import SupervisorMetrics
+from supervisor.peer_fence import DepartedNodes, Departure
 from supervisor.placement import AtSignPolicy, NodeRef
 from supervisor.prober import Prober
 from supervisor.reconciler import Reconciler
@@ -321,17 +322,23 @@ class Supervisor:
         (a fault of this node); if none does (the whole storage is down), keep them: there
         is nowhere better to go, and a restart storm helps nobody."""
         storage = self.ctx.storage
+        departed = DepartedNodes(self.me.name) if self.ctx.takeover_fence is not None else None
         while True:
             await asyncio.sleep(self.cfg.storage.probe_interval)
-            leave = False
-            if not storage.ready and self.ctx.session_usable():
+            records: dict[str, dict[str, Any]] | None = None
+            if self.ctx.session_usable() and (departed is not None or not storage.ready):
                 try:
                     records = await within(self.backend.nodes(), self.timing.request_timeout)
                 except (TimeoutError, LeaseError):
-                    records = {}
+                    records = None
+            if departed is not None and records is not None:
+                for d in departed.observe(records):
+                    await self._fence_departed(departed, d)
+            leave = False
+            if not storage.ready and self.ctx.session_usable():
                 leave = any(
                     (rec.get("storage") or {}).get("ready")
-                    for name, rec in records.items()
+                    for name, rec in (records or {}).items()
                     if name != self.me.name
                 )
             if leave != self.state.storage_leave:
@@ -340,6 +347,31 @@ class Supervisor:
                     "event=storage-leave move=%s reason=%r", leave, storage.reason or "ready"
                 )
                 self.queue.mark(None)
+
+    async def _fence_departed(self, departed: DepartedNodes, d: Departure) -> None:
+        """Evict the client instance of a node whose record left (see :mod:`peer_fence`),
+        unless the MDS no longer lists it (it unmounted cleanly)."""
+        fence = self.ctx.takeover_fence
+        assert fence is not None
+        if await fence.holds_session(d.client_ref) is False:
+            departed.done(d)
+            log.info(
+                "event=storage-departed-node node=%s client=%s detail='no MDS session left'",
+                d.node,
+                d.client_ref,
+            )
+            return
+        ok, text = await fence.fence(d.client_ref, "")
+        log.log(
+            logging.WARNING if ok else logging.ERROR,
+            "event=storage-departed-node-fenced node=%s client=%s ok=%s detail=%r",
+            d.node,
+            d.client_ref,
+            ok,
+            text,
+        )
+        if ok:
+            departed.done(d)
 
     def _endpoint(self, atsign: str) -> tuple[str, int] | None:
         """Where the atSign's running atServer listens (from the workload cache)."""

@@ -83,6 +83,21 @@ class TakeoverFence:
         future.set_result(result)
         return result
 
+    async def holds_session(self, client_ref: str) -> bool | None:
+        """Whether an MDS still lists the client instance ``client_ref`` names (``None``:
+        could not tell, or the ref names no instance)."""
+        from storage.ceph_fence import CephFenceError
+
+        entity, gid, _ = parse_client_ref(client_ref)
+        if gid is None:
+            return None
+        try:
+            fencer = await self._connected()
+            sessions = await fencer.list_sessions(entity, timeout=self.c.evict_timeout)
+        except (CephFenceError, OSError, ValueError, TimeoutError):
+            return None
+        return any(s.global_id == gid for s in sessions)
+
     async def _fence(self, client_ref: str, fallback_entity: str) -> tuple[bool, str]:
         from storage.ceph_fence import CephFenceError
 

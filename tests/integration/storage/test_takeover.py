@@ -275,3 +275,43 @@ def test_an_owner_killed_whole_and_back_at_once_evicts_its_old_client_itself(
     gids = asyncio.run(sessions_of(ceph_cluster, str(old_client["entity"])))
     assert int(str(old_client["global_id"])) not in gids, gids
     assert client_of(first)["global_id"] != old_client["global_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_killed_whole_that_ran_nothing_is_fenced_by_a_live_peer(
+    make: Callable[..., Cluster], ceph_cluster: CephCluster
+) -> None:
+    """Its dead client's capabilities would block other nodes' atServers on files it had
+    cached (the chaos runs' 46-63 s outages after killing a node that ran nothing): once
+    its record leaves the DCS, the first live node evicts it."""
+    c = make("etcd")
+    atsign = c.atsigns[0].atsign
+    c.wait_all_serving(90)
+    first = owner(c, atsign)
+    other = next(n for n in c.nodes if n is not first)
+    gone = client_of(other)
+    killed = time.monotonic()
+    other.kill_node()
+
+    def fence_lines() -> list[str]:
+        return [
+            ln
+            for ln in first.process.log_path.read_text(errors="replace").splitlines()
+            if "event=storage-departed-node-fenced" in ln and f"node={other.name}" in ln
+        ]
+
+    took = wait(lambda: bool(fence_lines()), c.ttl + 30, f"{first.name} to fence {other.name}")
+    print(
+        f"\nMEASURE a departed node's client fenced {took:.1f}s after the kill: {fence_lines()[0]}"
+    )
+    assert "ok=True" in fence_lines()[0] and f"/{gone['global_id']}/" in fence_lines()[0]
+    gids = asyncio.run(sessions_of(ceph_cluster, str(gone["entity"])))
+    assert int(str(gone["global_id"])) not in gids, gids
+    assert served_by(c, first, atsign)  # the owner was not disturbed
+    assert time.monotonic() - killed < c.ttl + 60
+
+    # Back: it mounts anew (a new instance) and is ready.
+    other.start()
+    wait(lambda: bool((other.status() or {}).get("ready")), 60, f"{other.name} ready again")
+    assert client_of(other)["global_id"] != gone["global_id"]
