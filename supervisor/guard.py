@@ -51,13 +51,9 @@ class DataGuard:
         client holds the data dir's capabilities, and even reading the marker waits for it
         (the MDS's session timeout, a minute)."""
         ctx = self.ctx
-        try:
-            record = await within(ctx.backend.generation(atsign), ctx.timing.request_timeout)
-        except (TimeoutError, LeaseError) as exc:
-            if ctx.metrics is not None:
-                ctx.metrics.dcs_errors.labels("generation").inc()
-            ctx.retry(atsign, 0.25)
-            return f"could not read {atsign}'s generation record: {exc!r}"
+        record = await self._record(atsign)
+        if isinstance(record, str):
+            return record
         unfenced = await self.fence_lost_owner(record)
         if unfenced is not None:
             ctx.retry(atsign, FENCE_RETRY_S)
@@ -73,6 +69,13 @@ class DataGuard:
                 f"could not read {atsign}'s data dir marker: no answer from the storage "
                 f"within {ctx.cfg.storage.probe_timeout:g}s"
             )
+        if marker is not None and (record is None or marker.token > record.token):
+            # A marker newer than the record we read: the record moved on while the lost
+            # owner was fenced or the marker read (another node claimed and started it), so
+            # judge against the current record, not refuse a copy for being current.
+            record = await self._record(atsign)
+            if isinstance(record, str):
+                return record
         return data_guard.verdict(
             record,
             marker,
@@ -91,6 +94,17 @@ class DataGuard:
     def stamped(self, atsign: str) -> None:
         """The marker now holds the claim's token: nothing of it is left unstamped."""
         self.ctx.state.unstamped.pop(atsign, None)
+
+    async def _record(self, atsign: str) -> Generation | str | None:
+        """The atSign's generation record, or why it could not be read (retried soon)."""
+        ctx = self.ctx
+        try:
+            return await within(ctx.backend.generation(atsign), ctx.timing.request_timeout)
+        except (TimeoutError, LeaseError) as exc:
+            if ctx.metrics is not None:
+                ctx.metrics.dcs_errors.labels("generation").inc()
+            ctx.retry(atsign, 0.25)
+            return f"could not read {atsign}'s generation record: {exc!r}"
 
     async def _read_marker(self, atsign: str) -> _Read:
         """(the marker's fingerprint, then the marker), read in a thread, bounded by

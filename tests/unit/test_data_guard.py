@@ -248,3 +248,31 @@ def test_the_marker_is_json_any_image_can_ignore(tmp_path: Path) -> None:
     write_marker(tmp_path, Marker(5, "x" * 32, "a1", 1.0, "@alice"))
     data = json.loads((tmp_path / ".atfailover-generation").read_text())
     assert data == {"atsign": "@alice", "dir_id": "x" * 32, "node": "a1", "time": 1.0, "token": 5}
+
+
+async def test_a_marker_newer_than_the_record_read_is_judged_against_the_current_record(
+    tmp_path: Path,
+) -> None:
+    """Found in the chaos runs (17 refusals per run): a node read the record (62), spent
+    seconds fencing the lost owner, and meanwhile a third node claimed and started the
+    atSign (record and marker 77): the node refused the current copy as stale."""
+    h = await make_harness(tmp_path, ["@alice"])
+    old = Generation("@alice", 62, "a2", dir_id="d" * 32, prev=50)
+    new = Generation("@alice", 77, "b1", dir_id="d" * 32, prev=62)
+    reads: list[int] = []
+    real = h.backend.generation
+
+    async def moving(atsign: str) -> Generation | None:
+        reads.append(1)
+        if len(reads) == 1:
+            write_marker(atsign_dir(h.sup.cfg.runner.data_root, "@alice"), Marker(77, "d" * 32))
+            h.dcs.generations["@alice"] = new
+            return old
+        return await real(atsign)
+
+    h.backend.generation = moving  # type: ignore[method-assign]
+    h.dcs.generations["@alice"] = old
+    checked = await h.sup.guard.check("@alice")
+    assert not isinstance(checked, str) and checked.ok, checked
+    assert checked.stamp is not None and checked.stamp.expected == 77
+    assert len(reads) == 2
