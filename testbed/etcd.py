@@ -61,10 +61,20 @@ class EtcdMember:
 class EtcdCluster:
     """``size`` members on loopback (1 for a single server, 3 for a quorum)."""
 
-    def __init__(self, base_dir: Path, size: int = 1, *, name: str = "etcd") -> None:
+    def __init__(
+        self, base_dir: Path, size: int = 1, *, name: str = "etcd", host: str = "127.0.0.1"
+    ) -> None:
+        """``host``: the address every member listens on (loopback unless told otherwise)."""
         self.base_dir = base_dir
         self.members = [
-            EtcdMember(name=f"{name}{i}", data_dir=base_dir / f"{name}{i}") for i in range(size)
+            EtcdMember(
+                name=f"{name}{i}",
+                data_dir=base_dir / f"{name}{i}",
+                host=host,
+                client_port=free_port(host),
+                peer_port=free_port(host),
+            )
+            for i in range(size)
         ]
         self.token = f"{name}-{id(self):x}"
 
