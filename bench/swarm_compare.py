@@ -22,7 +22,8 @@ Faults, rotated, ``--reps`` of each per system: ``crash`` (the atServer process 
 SIGKILLed), ``node-loss`` (every process of a node SIGKILLed by the PIDs in its cgroup:
 engine, containerd, shims, containers, and for ``ours`` the supervisor; restarted once the
 atSigns are served elsewhere), ``partition`` (the node's cluster link cut for
-``--partition-s`` seconds, its client link kept, so the observer still sees what it serves;
+``--partition-ours-s`` / ``--partition-default-s`` / ``--partition-tuned-s`` seconds (longer
+than that system's detection), its client link kept, so the observer still sees what it serves;
 then healed).
 
 The observer (:class:`testbed.copies.CopyObserver`) asks every (node, port) for
@@ -967,17 +968,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--faults", nargs="+", default=list(FAULTS), choices=FAULTS)
     ap.add_argument(
+        "--partition-ours-s",
+        type=float,
+        default=20.0,
+        help="partition length for ours (it serves elsewhere after ~10-13 s)",
+    )
+    ap.add_argument(
         "--partition-default-s",
         type=float,
         default=30.0,
-        help="partition length with Swarm's defaults (its detection is ~20 s)",
+        help="with Swarm's defaults (it serves elsewhere after ~16-21 s)",
     )
     ap.add_argument(
-        "--partition-s",
+        "--partition-tuned-s",
         type=float,
         default=15.0,
-        dest="partition_tuned_s",
-        help="partition length for ours and swarm-tuned",
+        help="with the tuned Swarm (it serves elsewhere after ~3-7 s)",
     )
     ap.add_argument("--fault-timeout", type=float, default=90.0)
     ap.add_argument("--readback-timeout", type=float, default=120.0)
@@ -993,7 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true")
     args = ap.parse_args(argv)  # fmt: skip
     args.partition_s = {
-        "ours": args.partition_tuned_s,
+        "ours": args.partition_ours_s,
         "swarm-default": args.partition_default_s,
         "swarm-tuned": args.partition_tuned_s,
     }
