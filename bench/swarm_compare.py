@@ -151,6 +151,25 @@ class Phase:
 # --- the machines --------------------------------------------------------------------------
 
 
+def spread_names(n: int) -> list[str]:
+    """``n`` atSign names whose first-ranked node (the supervisor's rendezvous hash) is spread
+    evenly over the nodes, as Swarm's scheduler spreads its tasks: the same shape for both."""
+    from supervisor.placement import AtSignPolicy, NodeRef, standby_order
+
+    refs = [NodeRef(name, "c1") for name in NODES]
+    per_node = {name: 0 for name in NODES}
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        name = f"@swcmp{i:02d}"
+        first = standby_order(AtSignPolicy(name), refs)[0].name
+        if per_node[first] < -(-n // len(NODES)):
+            per_node[first] += 1
+            out.append(name)
+        i += 1
+    return out
+
+
 class Rig:
     """Namespaces, engines (image loaded), etcd, Consul, certificates, keys."""
 
@@ -209,8 +228,7 @@ class Rig:
             (self.tls_dir / name).chmod(0o400)
         os.chown(self.tls_dir, 10001, 10001)
         self.cert = cert
-        names = [f"@swcmp{i:02d}" for i in range(self.n_atsigns)]
-        self.atsigns = make_atsign_keys(self.base / "keys", names)
+        self.atsigns = make_atsign_keys(self.base / "keys", spread_names(self.n_atsigns))
         return times
 
     def data_root(self, system: str) -> Path:
@@ -323,7 +341,9 @@ class Ours(System):
             "storage": {"kind": "local"},
             "http": {"listen": f"{lab_node.client_ip}:{self.http[node]}",
                      "allow_unauthenticated": True},
-            "placement": {"rank_delay": 0.3},
+            # rank_delay: the first-ranked node wins at start even if it starts seconds after
+            # the others (the same spread as Swarm); takeovers are made by the rank-0 standby
+            "placement": {"rank_delay": 2.0},
             "inventory": {
                 "nodes": [{"name": n, "cloud": "c1"} for n in NODES],
                 "atsigns": [{"atsign": a.atsign} for a in rig.atsigns],
