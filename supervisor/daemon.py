@@ -322,7 +322,11 @@ class Supervisor:
         (a fault of this node); if none does (the whole storage is down), keep them: there
         is nowhere better to go, and a restart storm helps nobody."""
         storage = self.ctx.storage
-        departed = DepartedNodes(self.me.name) if self.ctx.takeover_fence is not None else None
+        departed = (
+            DepartedNodes(self.me.name, min_absence=self.timing.ttl)
+            if self.ctx.takeover_fence is not None
+            else None
+        )
         while True:
             await asyncio.sleep(self.cfg.storage.probe_interval)
             records: dict[str, dict[str, Any]] | None = None
@@ -332,7 +336,8 @@ class Supervisor:
                 except (TimeoutError, LeaseError):
                     records = None
             if departed is not None and records is not None:
-                for d in departed.observe(records):
+                holders = {c.info.node for c in self.ctx.claims.claims.values()}
+                for d in departed.observe(records, self.clock(), holders):
                     await self._fence_departed(departed, d)
             leave = False
             if not storage.ready and self.ctx.session_usable():
