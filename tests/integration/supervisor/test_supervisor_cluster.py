@@ -489,7 +489,15 @@ def test_consul_session_checks_fail_a_dead_supervisor_and_a_dead_node_over_withi
         )
         if how == "supervisor":  # the fence stopped them, then ended the session
             assert_fenced_in_time(c, victim, moved)
-            assert any(e["event"] == "session-released" for e in victim.fence_log())
+            # Unless Consul ended it first: the session check (2.5 s) lapses before the
+            # renew deadline (3 s), and the new owner may fence the node's storage before
+            # the fence's own pass, which then finds an atServer exited (its record still
+            # listed) and leaves the session, gone already, alone. The new tokens below
+            # show the old session no longer held the claims.
+            log = victim.fence_log()
+            assert any(e["event"] == "session-released" for e in log) or any(
+                e["event"] == "found-exited" for e in log
+            ), log
         assert took < bound, f"killed {how}: {took:.1f}s, bound {bound:g}s"
         for atsign, old in moved.items():
             assert c.running()[atsign][0][1] > old
