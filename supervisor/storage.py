@@ -245,18 +245,7 @@ class StorageGuard:
         files' capabilities until the session timeout (a minute), and a takeover's first
         read of the data dir, or this node's next mount, waits for them."""
         ref = self.client_ref() if self.identity else ""
-        if not ref or ref == self._evicted or self.evict is None:
-            return
-        ok, text = await self.evict(ref)
-        log.log(
-            logging.WARNING if ok else logging.ERROR,
-            "event=storage-dead-client-evicted client=%s ok=%s detail=%r",
-            ref,
-            ok,
-            text,
-        )
-        if ok:
-            self._evicted = ref
+        await self._evict_once(ref, "storage-dead-client-evicted", logging.WARNING)
 
     async def evict_previous_client(self) -> None:
         """Before mounting anew, evict the instance this node mounted last (recorded in
@@ -269,12 +258,17 @@ class StorageGuard:
             ref = (self.state_dir / CLIENT_FILE).read_text().strip()
         except OSError:
             return
+        await self._evict_once(ref, "storage-previous-client-evicted", logging.INFO)
+
+    async def _evict_once(self, ref: str, event: str, ok_level: int) -> None:
+        """Evict this node's own client instance ``ref`` unless it was evicted already."""
         if not ref or ref == self._evicted or self.evict is None:
             return
         ok, text = await self.evict(ref)
         log.log(
-            logging.INFO if ok else logging.ERROR,
-            "event=storage-previous-client-evicted client=%s ok=%s detail=%r",
+            ok_level if ok else logging.ERROR,
+            "event=%s client=%s ok=%s detail=%r",
+            event,
             ref,
             ok,
             text,
